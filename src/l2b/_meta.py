@@ -1,0 +1,268 @@
+"""The L2B meta-weights (Zhou et al., CVPR 2022, eq. 5-9, 13, 14), computed exactly and first-order.
+
+Notation (paper -> code): theta -> the model's parameters; eta -> the optimizer's lr; f_i = CE(z_i, y_i)
+and g_i = CE(z_i, p_i) with p_i = argmax z_i; G -> mean clean-batch cross-entropy; alpha_i, beta_i ->
+``MetaWeights.alpha``, ``MetaWeights.beta``.
+
+The look-ahead step is the optimizer's own update applied to grad sum_i alpha_i f_i + beta_i g_i
+(as the published code's differentiable optimizer copy does). For torch.optim.SGD this is affine in
+the gradient: theta_hat = theta' - s * grad(...), with theta' the point the step reaches with a zero
+gradient (momentum and weight decay only) and s = lr * c, c the gradient's coefficient in the update.
+Hence, at alpha = beta = 0 (paper Appendix B.2, eq. 23 and 28),
+
+    raw_alpha_i = -dG/dalpha_i = < s * grad G(theta'), grad f_i(theta) >
+    raw_beta_i  = -dG/dbeta_i  = < s * grad G(theta'), grad g_i(theta) >.
+
+With v = s * grad G(theta') (one forward + backward of the clean batch), all 2n inner products are a
+single forward-mode JVP of the per-sample losses along v: no double backward, no per-sample gradients.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, jvp
+
+from ._errors import L2BError, check_choice
+
+__all__ = ["MetaWeights", "meta_weights", "normalize_weights", "MODES", "NORMALIZATIONS"]
+
+MODES = ("l2b", "beta0", "alpha0", "convex")
+NORMALIZATIONS = ("sum", "softmax", "sigmoid")
+
+
+@dataclass(frozen=True)
+class MetaWeights:
+    """Per-sample weights of one training batch.
+
+    Attributes
+    ----------
+    alpha : Tensor, shape (n,)
+        Weight of the observed-label loss f_i (paper eq. 9 under ``normalize="sum"``).
+    beta : Tensor, shape (n,)
+        Weight of the pseudo-label loss g_i.
+    pseudo : Tensor, shape (n,), int64
+        The pseudo-labels p_i = argmax_k z_ik, taken at the current parameters.
+    raw_alpha, raw_beta : Tensor, shape (n,)
+        -dG/dalpha_i and -dG/dbeta_i at alpha = beta = 0, before normalisation. They include the
+        learning rate (as the published code's -grad_eps does): higher = the sample's term lowers the
+        clean loss more.
+    """
+
+    alpha: Tensor
+    beta: Tensor
+    pseudo: Tensor
+    raw_alpha: Tensor
+    raw_beta: Tensor
+
+
+def meta_weights(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    x_val: Tensor,
+    y_val: Tensor,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    mode: str = "l2b",
+    normalize: str = "sum",
+    temperature: float = 10.0,
+) -> MetaWeights:
+    """Compute the L2B weights alpha, beta of a training batch (paper eq. 5-9).
+
+    Nothing is mutated: afterwards the model's parameters, buffers (BatchNorm running statistics),
+    train/eval modes and the optimizer's state are exactly as before. Every forward inside runs in
+    train mode with batch statistics, as the real training step does.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The classifier; ``model(x)`` returns logits of shape (n, K). Dropout or other randomness in
+        the forward makes the weights stochastic.
+    x : Tensor, shape (n, ...)
+        Training inputs.
+    y : Tensor, shape (n,), int64
+        Observed (possibly wrong) labels in [0, K).
+    x_val : Tensor, shape (m, ...)
+        Clean (trusted) inputs.
+    y_val : Tensor, shape (m,), int64
+        Their labels.
+    optimizer : torch.optim.SGD, optional
+        The optimizer of the real step: the look-ahead uses its lr, momentum buffers, dampening,
+        Nesterov flag and weight decay, per parameter group. Parameters it does not hold stay fixed in
+        the look-ahead. ``None`` means a plain gradient step with lr = 1 from theta.
+    mode : {"l2b", "beta0", "alpha0", "convex"}, default="l2b"
+        "l2b": alpha, beta >= 0 normalised together over all 2n; "beta0": beta = 0 (this is L2RW,
+        Ren et al. 2018); "alpha0": alpha = 0 (pseudo-labels only); "convex": alpha_i + beta_i = 1
+        for each sample (the paper's Table 7 ablation; a sample with no evidence gets 0.5 and 0.5).
+    normalize : {"sum", "softmax", "sigmoid"}, default="sum"
+        "sum": clamp at 0 and divide by the sum (eq. 8-9; all zero stays all zero, never NaN);
+        "softmax": softmax of raw / temperature (eq. 14); "sigmoid": sigmoid(raw) divided by its sum
+        (eq. 13). The raw weights include lr, which cancels under "sum" only.
+    temperature : float, default=10.0
+        Softmax temperature T (the paper uses T = 10 on ISIC2019).
+
+    Returns
+    -------
+    MetaWeights
+        Detached tensors on x's device.
+
+    Examples
+    --------
+    >>> import torch, l2b
+    >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    >>> x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    >>> w = l2b.meta_weights(model, x, y, torch.randn(5, 4), torch.randint(0, 3, (5,)), optimizer=opt)
+    >>> float(w.alpha.sum() + w.beta.sum())  # doctest: +SKIP
+    1.0
+    """
+    check_choice("mode", mode, MODES)
+    check_choice("normalize", normalize, NORMALIZATIONS)
+    if not temperature > 0:
+        raise L2BError(f"temperature must be > 0, got {temperature}")
+    for name, labels, inputs in (("y", y, x), ("y_val", y_val, x_val)):
+        if labels.ndim != 1 or labels.shape[0] != inputs.shape[0]:
+            raise L2BError(f"{name} must have shape ({inputs.shape[0]},), got {tuple(labels.shape)}")
+        if labels.dtype != torch.long:
+            raise L2BError(f"{name} must be int64 class indices, got {labels.dtype}")
+    raw_alpha, raw_beta, pseudo = raw_meta_weights(model, x, y, x_val, y_val, optimizer=optimizer)
+    alpha, beta = normalize_weights(raw_alpha, raw_beta, mode=mode, normalize=normalize, temperature=temperature)
+    return MetaWeights(alpha, beta, pseudo, raw_alpha, raw_beta)
+
+
+def raw_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, reduce_direction=None):
+    """(raw_alpha, raw_beta, pseudo), each (n,): the unnormalised -dG/dalpha, -dG/dbeta at 0.
+
+    ``reduce_direction``, if given, is applied to the scaled clean gradient v (a dict name -> tensor)
+    before the JVP; data-parallel training all-reduces it there so every rank uses the global v.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    shift, scale = lookahead_affine(params, optimizer)
+    with meta_mode(model):
+        theta_prime = {n: (p.detach() - shift[n]).requires_grad_(True) for n, p in params.items()}
+        clean_loss = F.cross_entropy(functional_call(model, theta_prime, (x_val,)), y_val)
+        grads = torch.autograd.grad(clean_loss, list(theta_prime.values()), allow_unused=True)
+        direction = {
+            n: torch.zeros_like(p) if g is None else g * scale[n]
+            for (n, p), g in zip(params.items(), grads)
+        }
+        if reduce_direction is not None:
+            direction = reduce_direction(direction)
+        raw, pseudo = directional_losses(model, x, y, params, direction)
+    return raw[0], raw[1], pseudo
+
+
+def directional_losses(model, x, y, params, direction):
+    """JVP of the per-sample losses (f, g) along ``direction``: returns ((2, n) tangents, pseudo)."""
+    primal = {n: p.detach() for n, p in params.items()}
+
+    def per_sample_losses(theta):
+        logits = functional_call(model, theta, (x,))  # (n, K)
+        pseudo = logits.detach().argmax(dim=1)  # an index: no gradient flows through the choice
+        f = F.cross_entropy(logits, y, reduction="none")
+        g = F.cross_entropy(logits, pseudo, reduction="none")
+        return torch.stack([f, g]), pseudo
+
+    _, tangent, pseudo = jvp(per_sample_losses, (primal,), (direction,), has_aux=True)
+    return tangent.detach(), pseudo
+
+
+def lookahead_affine(params: dict[str, Tensor], optimizer) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """The look-ahead step as theta_hat = theta - shift - scale * grad, per parameter.
+
+    For torch.optim.SGD (d = grad + wd * theta; buf = mu * buf + (1 - dampening) * d, or d on the
+    first step; update = buf, or d + mu * buf with Nesterov; theta -= lr * update) the update is
+    affine in grad; ``shift`` is lr times the update at grad = 0, ``scale`` the coefficient of grad.
+    """
+    if optimizer is None:
+        return {n: torch.zeros_like(p) for n, p in params.items()}, {n: 1.0 for n in params}
+    if not isinstance(optimizer, torch.optim.SGD):
+        raise L2BError(
+            f"meta_weights looks ahead with torch.optim.SGD only, got {type(optimizer).__name__}; "
+            "pass optimizer=None for a plain gradient step"
+        )
+    by_id = {}
+    for group in optimizer.param_groups:
+        if group.get("maximize", False):
+            raise L2BError("meta_weights does not support SGD(maximize=True)")
+        for p in group["params"]:
+            by_id[id(p)] = group
+    shift, scale = {}, {}
+    for n, p in params.items():
+        group = by_id.get(id(p))
+        if group is None:  # not optimised: it does not move in the look-ahead either
+            shift[n], scale[n] = torch.zeros_like(p), 0.0
+            continue
+        lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+        damp, nesterov = group["dampening"], group["nesterov"]
+        lr = float(lr)
+        decay = wd * p.detach()
+        buf = optimizer.state.get(p, {}).get("momentum_buffer") if mu != 0 else None
+        if mu == 0:
+            update0, coef = decay, 1.0
+        elif buf is None:  # first step: buf = d, no dampening
+            update0, coef = (decay * (1 + mu), 1.0 + mu) if nesterov else (decay, 1.0)
+        else:
+            buf0 = mu * buf + (1 - damp) * decay
+            update0, coef = ((decay + mu * buf0), 1.0 + mu * (1 - damp)) if nesterov else (buf0, 1.0 - damp)
+        shift[n], scale[n] = lr * update0, lr * coef
+    return shift, scale
+
+
+@contextlib.contextmanager
+def meta_mode(model: nn.Module):
+    """Train mode with batch statistics, without touching BatchNorm running statistics.
+
+    ``track_running_stats = False`` makes BatchNorm normalise by the batch (keeping the exact
+    cross-sample coupling) and leave running_mean/var/num_batches_tracked alone; torch.func.jvp
+    also refuses to run a module that mutates its buffers.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    tracked = [m.track_running_stats for m in norms]
+    try:
+        model.train()
+        for m in norms:
+            m.track_running_stats = False
+        yield model
+    finally:
+        for m, flag in zip(norms, tracked):
+            m.track_running_stats = flag
+        for m, training in modes:
+            m.training = training
+
+
+def normalize_weights(
+    raw_alpha: Tensor, raw_beta: Tensor, *, mode: str = "l2b", normalize: str = "sum", temperature: float = 10.0
+) -> tuple[Tensor, Tensor]:
+    """Turn raw weights (n,), (n,) into (alpha, beta) under a mode and a normalisation.
+
+    "l2b" normalises all 2n together; "beta0"/"alpha0" normalise one term over n and zero the other;
+    "convex" normalises each sample's pair, so alpha_i + beta_i = 1.
+    """
+    if mode == "l2b":
+        w = _normalize(torch.cat([raw_alpha, raw_beta]), 0, normalize, temperature, fill=0.0)
+        return w[: raw_alpha.numel()], w[raw_alpha.numel():]
+    if mode == "beta0":
+        return _normalize(raw_alpha, 0, normalize, temperature, fill=0.0), torch.zeros_like(raw_beta)
+    if mode == "alpha0":
+        return torch.zeros_like(raw_alpha), _normalize(raw_beta, 0, normalize, temperature, fill=0.0)
+    if mode == "convex":
+        w = _normalize(torch.stack([raw_alpha, raw_beta], dim=1), 1, normalize, temperature, fill=0.5)
+        return w[:, 0], w[:, 1]
+    check_choice("mode", mode, MODES)
+    raise AssertionError("unreachable")
+
+
+def _normalize(raw: Tensor, dim: int, normalize: str, temperature: float, fill: float) -> Tensor:
+    if normalize == "softmax":  # eq. 14
+        return torch.softmax(raw / temperature, dim=dim)
+    w = torch.sigmoid(raw) if normalize == "sigmoid" else raw.clamp_min(0)  # eq. 13 / eq. 8
+    total = w.sum(dim=dim, keepdim=True)
+    # eq. 9, eps-guarded: a group with no positive weight gets `fill`, never 0/0
+    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.full_like(w, fill))

@@ -1,0 +1,151 @@
+"""Models: a registry and one factory, ``create_model(name, num_classes=..., in_channels=...)``."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import nn
+
+from ._errors import L2BError, check_choice
+
+__all__ = ["create_model", "register_model", "list_models"]
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(name: str):
+    """Decorator: make a model builder ``fn(num_classes, in_channels, **kw)`` available by name."""
+
+    def add(fn):
+        _MODELS[name] = fn
+        return fn
+
+    return add
+
+
+def list_models() -> list[str]:
+    return sorted(_MODELS)
+
+
+def create_model(name: str, *, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Build a registered model; ``None`` keyword values are dropped so unset flags keep defaults.
+
+    Examples
+    --------
+    >>> create_model("small-cnn", num_classes=10, in_channels=1)  # doctest: +ELLIPSIS
+    SmallCNN(...)
+    """
+    check_choice("model", name, _MODELS)
+    if num_classes < 2:
+        raise L2BError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+
+
+def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """Four 3x3 conv + BatchNorm blocks, two 2x2 poolings, global average pooling, a linear head.
+
+    Sized for CPU runs: ``width=16`` costs about 5 MFLOP per 28x28 image forward. Any input size >= 4.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 16):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv_bn(in_channels, w),
+            _conv_bn(w, 2 * w),
+            nn.MaxPool2d(2),
+            _conv_bn(2 * w, 4 * w),
+            nn.MaxPool2d(2),
+            _conv_bn(4 * w, 4 * w),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        return self.head(self.features(x))  # (B, K)
+
+
+@register_model("small-cnn")
+def small_cnn(num_classes: int, in_channels: int = 3, width: int = 16) -> nn.Module:
+    return SmallCNN(num_classes, in_channels, width)
+
+
+class MLP(nn.Module):
+    """A two-hidden-layer perceptron for feature vectors (N, D) (images are flattened)."""
+
+    def __init__(self, num_classes: int, in_features: int, hidden: int = 256):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(),
+            nn.LazyLinear(hidden) if in_features <= 0 else nn.Linear(in_features, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@register_model("mlp")
+def mlp(num_classes: int, in_channels: int = 1, in_features: int = 0, hidden: int = 256) -> nn.Module:
+    """``in_features`` = D of the flattened input (0: inferred on the first forward)."""
+    return MLP(num_classes, in_features, hidden)
+
+
+class PreActBlock(nn.Module):
+    """Pre-activation residual block (He et al. 2016, "Identity mappings in deep residual networks")."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        skip = self.shortcut(out) if self.shortcut is not None else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + skip
+
+
+class PreActResNet18(nn.Module):
+    """CIFAR-style PreActResNet-18 (3x3 stem, no max-pool), the paper's CIFAR model."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        self.stem = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        layers, c_in = [], width
+        for i, c_out in enumerate((width, 2 * width, 4 * width, 8 * width)):
+            for j in range(2):
+                stride = 2 if (i > 0 and j == 0) else 1
+                layers.append(PreActBlock(c_in, c_out, stride))
+                c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(c_in)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        out = self.layers(self.stem(x))
+        out = F.adaptive_avg_pool2d(F.relu(self.bn(out)), 1).flatten(1)
+        return self.head(out)  # (B, K)
+
+
+@register_model("preact-resnet18")
+def preact_resnet18(num_classes: int, in_channels: int = 3, width: int = 64) -> nn.Module:
+    return PreActResNet18(num_classes, in_channels, width)

@@ -1,0 +1,159 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import l2b
+from l2b import create_model, meta_weights
+from oracle import reference_meta_weights
+
+
+def _problem(dtype=torch.float64, seed=0, n=12, m=10):
+    torch.manual_seed(seed)
+    model = create_model("small-cnn", num_classes=4, in_channels=2, width=4).to(dtype)
+    x = torch.randn(n, 2, 8, 8, dtype=dtype)
+    y = torch.randint(0, 4, (n,))
+    xv = torch.randn(m, 2, 8, 8, dtype=dtype)
+    yv = torch.randint(0, 4, (m,))
+    return model, x, y, xv, yv
+
+
+def _optimizer(model, kind, x, y):
+    if kind is None:
+        return None
+    kw = {
+        "plain": dict(lr=0.1),
+        "momentum_wd": dict(lr=0.1, momentum=0.9, weight_decay=5e-3),
+        "nesterov": dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True),
+        "dampening": dict(lr=0.05, momentum=0.8, dampening=0.3, weight_decay=1e-3),
+    }[kind]
+    opt = torch.optim.SGD(model.parameters(), **kw)
+    # two real steps so momentum buffers exist and differ from the gradient
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("opt_kind", [None, "plain", "momentum_wd", "nesterov", "dampening"])
+@pytest.mark.parametrize("mode", l2b.MODES)
+@pytest.mark.parametrize("normalize", l2b.NORMALIZATIONS)
+def test_fast_weights_equal_double_backward_oracle(opt_kind, mode, normalize):
+    model, x, y, xv, yv = _problem()
+    opt = _optimizer(model, opt_kind, x, y)
+    fast = meta_weights(model, x, y, xv, yv, optimizer=opt, mode=mode, normalize=normalize, temperature=0.01)
+    ref = reference_meta_weights(model, x, y, xv, yv, optimizer=opt, mode=mode, normalize=normalize, temperature=0.01)
+    for got, want in zip((fast.alpha, fast.beta, fast.pseudo, fast.raw_alpha, fast.raw_beta), ref):
+        scale = want.abs().max().clamp_min(1e-30) if want.is_floating_point() else 1
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(scale)), (got, want)
+
+
+def test_first_momentum_step_matches_oracle():
+    # no momentum buffer yet: torch's SGD sets buf = d on the first step
+    model, x, y, xv, yv = _problem(seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-2, nesterov=True)
+    fast = meta_weights(model, x, y, xv, yv, optimizer=opt)
+    ref = reference_meta_weights(model, x, y, xv, yv, optimizer=opt)
+    assert torch.allclose(fast.raw_alpha, ref[3], rtol=1e-6, atol=1e-12)
+    assert torch.allclose(fast.raw_beta, ref[4], rtol=1e-6, atol=1e-12)
+
+
+def test_lookahead_point_matters():
+    # the clean gradient is taken at theta' (momentum + weight decay), not at theta
+    model, x, y, xv, yv = _problem(seed=1)
+    opt = _optimizer(model, "momentum_wd", x, y)
+    with_state = meta_weights(model, x, y, xv, yv, optimizer=opt).raw_alpha
+    fresh = torch.optim.SGD(model.parameters(), lr=0.1)
+    without = meta_weights(model, x, y, xv, yv, optimizer=fresh).raw_alpha
+    assert not torch.allclose(with_state, without, rtol=1e-2)
+
+
+def test_nothing_is_mutated():
+    model, x, y, xv, yv = _problem(dtype=torch.float32)
+    opt = _optimizer(model, "momentum_wd", x, y)
+    model.eval()
+    before = copy.deepcopy(model.state_dict())
+    opt_before = copy.deepcopy(opt.state_dict())
+    meta_weights(model, x, y, xv, yv, optimizer=opt)
+    assert not model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    after = opt.state_dict()
+    for k, st in opt_before["state"].items():
+        assert torch.equal(st["momentum_buffer"], after["state"][k]["momentum_buffer"])
+
+
+def test_one_l2b_step_moves_batchnorm_stats_like_one_plain_step():
+    model, x, y, xv, yv = _problem(dtype=torch.float32)
+    plain = copy.deepcopy(model)
+    plain.train()
+    model.train()
+    plain(x)  # a plain step's forward: one running-stat update
+    w = meta_weights(model, x, y, xv, yv)
+    logits = model(x)  # the real step's forward
+    loss = (w.alpha * F.cross_entropy(logits, y, reduction="none")).sum()
+    loss.backward()
+    for (k, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        if "running" in k or "num_batches" in k:
+            assert torch.equal(a, b), k
+
+
+def test_sum_normalisation_nonnegative_and_sums_to_one():
+    model, x, y, xv, yv = _problem()
+    w = meta_weights(model, x, y, xv, yv)
+    assert (w.alpha >= 0).all() and (w.beta >= 0).all()
+    assert torch.isclose(w.alpha.sum() + w.beta.sum(), torch.tensor(1.0, dtype=w.alpha.dtype))
+
+
+def test_all_zero_weights_stay_zero_not_nan():
+    raw = -torch.ones(5)
+    a, b = l2b.normalize_weights(raw, raw, mode="l2b", normalize="sum")
+    assert torch.equal(a, torch.zeros(5)) and torch.equal(b, torch.zeros(5))
+    a, b = l2b.normalize_weights(raw, raw, mode="convex", normalize="sum")
+    assert torch.allclose(a + b, torch.ones(5))
+
+
+def test_modes_zero_the_right_term_and_convex_sums_per_sample():
+    model, x, y, xv, yv = _problem()
+    assert torch.equal(meta_weights(model, x, y, xv, yv, mode="beta0").beta, torch.zeros(len(y), dtype=torch.float64))
+    assert torch.equal(meta_weights(model, x, y, xv, yv, mode="alpha0").alpha, torch.zeros(len(y), dtype=torch.float64))
+    w = meta_weights(model, x, y, xv, yv, mode="convex", normalize="softmax")
+    assert torch.allclose(w.alpha + w.beta, torch.ones(len(y), dtype=torch.float64))
+
+
+def test_raw_weights_are_lr_times_inner_products_of_per_sample_gradients():
+    # Appendix B.2, eq. 23/28: explicit per-sample gradients, a plain SGD look-ahead
+    model, x, y, xv, yv = _problem(seed=5)
+    model.eval()  # no BatchNorm coupling: per-sample gradients are well defined one by one
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.track_running_stats = True
+    lr = 0.3
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    params = list(model.parameters())
+
+    class Frozen(torch.nn.Module):  # the same network with BatchNorm in eval mode always
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, inp):
+            self.net.eval()
+            return self.net(inp)
+
+    frozen = Frozen(model)
+    w = meta_weights(frozen, x, y, xv, yv, optimizer=opt)
+    gv = torch.autograd.grad(F.cross_entropy(frozen(xv), yv), params)
+    for i in range(len(y)):
+        logits = frozen(x[i : i + 1])
+        gi = torch.autograd.grad(F.cross_entropy(logits, y[i : i + 1]), params)
+        expect = lr * sum((a * b).sum() for a, b in zip(gv, gi))
+        assert torch.isclose(w.raw_alpha[i], expect, rtol=1e-8)
+
+
+def test_bad_mode_names_choices():
+    model, x, y, xv, yv = _problem()
+    with pytest.raises(l2b.L2BError, match="l2b"):
+        meta_weights(model, x, y, xv, yv, mode="nope")
