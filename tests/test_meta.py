@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import l2b
 from l2b import create_model, meta_weights
-from oracle import reference_meta_weights
+from l2b._reference import reference_meta_weights
 
 
 def _problem(dtype=torch.float64, seed=0, n=12, m=10):

@@ -1,11 +1,14 @@
 """A slow, obviously-correct reference for the meta-weights: double backward through a functional
-look-ahead that re-implements torch.optim.SGD's update literally (as the published code does)."""
+look-ahead that re-implements torch.optim.SGD's update literally (as the published code does).
+
+Used as the oracle of the fast path in the tests and as the baseline of `l2b bench step`; never in
+training."""
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from l2b._meta import meta_mode, normalize_weights
+from ._meta import meta_mode, normalize_weights
 
 
 def sgd_lookahead(theta, grads, group_and_buf):

@@ -1,0 +1,96 @@
+"""`l2b bench step`: per-step cost of plain CE, the exact L2B step and the double-backward reference.
+
+The three steps run interleaved in one process on the same model and batches, so machine noise
+hits them alike; the ratios, not the absolute times, are the result.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ._meta import meta_weights
+from ._models import create_model
+from ._reference import reference_meta_weights
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_size: int = 100,
+               image_shape=(3, 32, 32), num_classes: int = 10, device: str = "cpu",
+               steps: int = 20, warmup: int = 3, seed: int = 0) -> dict:
+    """Median seconds per training step of each kind, and their ratios to plain CE."""
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    net = create_model(model, num_classes=num_classes, in_channels=image_shape[0]).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    x = torch.randn(batch_size, *image_shape, device=dev)
+    y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    xv = torch.randn(val_batch_size, *image_shape, device=dev)
+    yv = torch.randint(0, num_classes, (val_batch_size,), device=dev)
+
+    def finish(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step()
+
+    def ce_step():
+        finish(F.cross_entropy(net(x), y))
+
+    def weighted_step(weights):
+        alpha, beta, pseudo = weights[0], weights[1], weights[2]
+        logits = net(x)
+        finish((alpha * F.cross_entropy(logits, y, reduction="none")
+                + beta * F.cross_entropy(logits, pseudo, reduction="none")).sum())
+
+    def l2b_step():
+        w = meta_weights(net, x, y, xv, yv, optimizer=opt)
+        weighted_step((w.alpha, w.beta, w.pseudo))
+
+    def reference_step():
+        weighted_step(reference_meta_weights(net, x, y, xv, yv, optimizer=opt))
+
+    kinds = {"ce": ce_step, "l2b_exact": l2b_step, "reference_double_backward": reference_step}
+    times = {k: [] for k in kinds}
+    net.train()
+    for i in range(warmup + steps):
+        for name, fn in kinds.items():  # interleaved: drift in machine speed hits all alike
+            _sync(dev)
+            t0 = time.perf_counter()
+            fn()
+            _sync(dev)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "model": model,
+        "batch_size": batch_size,
+        "val_batch_size": val_batch_size,
+        "image_shape": list(image_shape),
+        "steps": steps,
+        "seconds": median,
+        "ratio_to_ce": {k: v / median["ce"] for k, v in median.items()},
+        "l2b_over_reference": median["l2b_exact"] / median["reference_double_backward"],
+    }
+
+
+def format_step_table(result: dict) -> str:
+    lines = [
+        f"device {result['device']} ({result['threads']} threads), model {result['model']}, "
+        f"n={result['batch_size']}, m={result['val_batch_size']}, input {tuple(result['image_shape'])}, "
+        f"median of {result['steps']} steps",
+        f"{'step':<28}{'ms':>10}{'x CE':>8}",
+    ]
+    for k, v in result["seconds"].items():
+        lines.append(f"{k:<28}{1000 * v:>10.2f}{result['ratio_to_ce'][k]:>8.2f}")
+    lines.append(f"exact L2B / reference: {result['l2b_over_reference']:.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,250 @@
+"""Datasets in memory, the clean/noisy split, and batches made on the training device.
+
+A data set is an :class:`ImageData` of uint8 arrays (N, C, H, W). The trainer moves it to the
+device once; a batch is an index gather, a float conversion and (optionally) augmentation, all on
+the device: no per-image Python loop.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import logging
+import os
+import struct
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._errors import L2BError
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+# MD5 of the canonical .gz files (as published with the data set)
+FASHION_MNIST_FILES = {
+    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
+    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
+    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
+    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
+}
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@dataclass
+class ImageData:
+    """A labelled image data set held in memory.
+
+    Attributes
+    ----------
+    name : str
+    classes : list of str, length K
+    x_train, x_test : np.ndarray, shape (N, C, H, W), uint8
+    y_train, y_test : np.ndarray, shape (N,), int64
+        True labels. Where the truth is unknown (real-world noise), y_train holds the given labels
+        and ``noisy_train`` is set as well.
+    x_val, y_val : np.ndarray or None
+        A given clean set; None means it is carved out of the training set.
+    noisy_train : np.ndarray or None, shape (N,)
+        Observed labels supplied with the data (real-world noise); None means synthesise noise.
+    train_labels_known : bool
+        False when y_train is not the truth (then rates and flip statistics are "unknown").
+    coarse : np.ndarray or None, shape (K,)
+        Superclass of each class (CIFAR-100), used by asymmetric noise.
+    paths : list of str or None
+        Source file of each training image, where there is one.
+    """
+
+    name: str
+    classes: list[str]
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+    noisy_train: np.ndarray | None = None
+    train_labels_known: bool = True
+    coarse: np.ndarray | None = None
+    paths: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.x_train.shape[1:])
+
+
+# ---------------------------------------------------------------- Fashion-MNIST (IDX, gzip)
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one gzip-compressed IDX file (the MNIST format) into a uint8 array."""
+    try:
+        with gzip.open(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise L2BError(f"{path}: not a readable gzip file ({exc}); delete it and fetch it again") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise L2BError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).copy()  # writable, owns its memory
+    if data.size != int(np.prod(dims)):
+        raise L2BError(f"{path}: truncated IDX file ({data.size} bytes for shape {dims})")
+    return data.reshape(dims)
+
+
+def fashion_mnist_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
+    """Where Fashion-MNIST is looked for, in order."""
+    dirs = []
+    if data_dir:
+        dirs += [Path(data_dir), Path(data_dir) / "fashion-mnist"]
+    if os.environ.get("L2B_DATA"):
+        dirs += [Path(os.environ["L2B_DATA"]), Path(os.environ["L2B_DATA"]) / "fashion-mnist"]
+    dirs.append(cache_dir() / "fashion-mnist")
+    dirs.append(DEBIAN_FASHION_MNIST)
+    return dirs
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "l2b"
+
+
+def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *, download: bool = True) -> ImageData:
+    """Fashion-MNIST (Xiao et al. 2017): 60,000 train and 10,000 test images, 1 x 28 x 28, 10 classes.
+
+    Looked for in ``data_dir``, ``$L2B_DATA``, the user cache dir and Debian's
+    /usr/share/datasets/fashion-mnist; fetched (MD5-checked) into the cache dir otherwise.
+    """
+    for d in fashion_mnist_dirs(data_dir):
+        if all((d / f).is_file() for f in FASHION_MNIST_FILES):
+            return _read_fashion_mnist(d)
+    target = cache_dir() / "fashion-mnist"
+    if download:
+        try:
+            _fetch(FASHION_MNIST_URL, FASHION_MNIST_FILES, target)
+            return _read_fashion_mnist(target)
+        except OSError as exc:
+            reason = f"fetching it failed ({exc})"
+    else:
+        reason = "fetching is disabled"
+    raise L2BError(
+        f"Fashion-MNIST not found and {reason}. Install Debian's package (apt-get install dataset-fashion-mnist), "
+        f"or put the four *-ubyte.gz files in a folder and pass --data-dir FOLDER (or set L2B_DATA)"
+    )
+
+
+def _read_fashion_mnist(folder: Path) -> ImageData:
+    x_train = read_idx(folder / "train-images-idx3-ubyte.gz")[:, None]
+    y_train = read_idx(folder / "train-labels-idx1-ubyte.gz").astype(np.int64)
+    x_test = read_idx(folder / "t10k-images-idx3-ubyte.gz")[:, None]
+    y_test = read_idx(folder / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
+    for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "t10k")):
+        if len(x) != len(y):
+            raise L2BError(f"{folder}: {split} images ({len(x)}) and labels ({len(y)}) differ in length")
+    return ImageData("fashion-mnist", list(FASHION_MNIST_CLASSES), x_train, y_train, x_test, y_test)
+
+
+def _fetch(base_url: str, files: dict[str, str], target: Path, timeout: float = 30.0) -> None:
+    """Download files with MD5 checks; a partial or corrupt file never lands under its final name."""
+    target.mkdir(parents=True, exist_ok=True)
+    for name, md5 in files.items():
+        final = target / name
+        if final.is_file() and _md5(final) == md5:
+            continue
+        log.info("fetching %s%s", base_url, name)
+        tmp = final.with_suffix(final.suffix + ".part")
+        with urllib.request.urlopen(base_url + name, timeout=timeout) as resp, open(tmp, "wb") as out:
+            out.write(resp.read())
+        if _md5(tmp) != md5:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"checksum mismatch for {name}")
+        os.replace(tmp, final)
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- splits
+
+def balanced_clean_split(labels: np.ndarray, size: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of a class-balanced clean set of ``size`` samples (remainder spread over the first classes)."""
+    per_class = np.full(num_classes, size // num_classes)
+    per_class[: size % num_classes] += 1
+    picked = []
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        if len(members) < per_class[c]:
+            raise L2BError(
+                f"clean set of {size} needs {per_class[c]} images of class {c}, the data has {len(members)}; "
+                "lower --val-size"
+            )
+        picked.append(rng.choice(members, size=per_class[c], replace=False))
+    return np.sort(np.concatenate(picked))
+
+
+# ---------------------------------------------------------------- batches on the device
+
+class DeviceImages:
+    """uint8 images on the training device, turned into normalised float batches on demand.
+
+    ``augment`` applies, on the device, a random crop after zero padding (``pad`` pixels) and, if
+    ``flip``, a random horizontal flip, each drawn per image from ``generator``.
+    """
+
+    def __init__(self, x: np.ndarray, device: torch.device, mean: Tensor, std: Tensor):
+        self.x = torch.as_tensor(np.ascontiguousarray(x)).to(device)
+        self.mean = mean.to(device).view(1, -1, 1, 1)
+        self.std = std.to(device).view(1, -1, 1, 1)
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def batch(self, idx: Tensor, *, augment: bool = False, pad: int = 2, flip: bool = True,
+              generator: torch.Generator | None = None, dtype=torch.float32) -> Tensor:
+        x = self.x[idx].to(dtype).div_(255.0)  # (B, C, H, W)
+        if augment:
+            x = random_crop_flip(x, pad, flip, generator)
+        return (x - self.mean.to(dtype)) / self.std.to(dtype)
+
+
+def channel_stats(x: np.ndarray) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of uint8 images (N, C, H, W) on the [0, 1] scale."""
+    xs = torch.as_tensor(x[: min(len(x), 10000)]).double().div_(255.0)
+    mean = xs.mean(dim=(0, 2, 3))
+    std = xs.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return mean.float(), std.float()
+
+
+def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator | None) -> Tensor:
+    """Per-image random crop of a zero-padded batch (B, C, H, W) and optional horizontal flip."""
+    b, _, h, w = x.shape
+    gen_device = generator.device if generator is not None else x.device
+    if pad > 0:
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gen_device).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (b,), generator=generator, device=gen_device).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device)[None])  # (B, H)
+        cols = (dx[:, None] + torch.arange(w, device=x.device)[None])  # (B, W)
+        x = padded[torch.arange(b, device=x.device)[:, None, None, None],
+                   torch.arange(x.shape[1], device=x.device)[None, :, None, None],
+                   rows[:, None, :, None], cols[:, None, None, :]]
+    if flip:
+        mask = torch.rand(b, generator=generator, device=gen_device).to(x.device) < 0.5
+        x = torch.where(mask[:, None, None, None], x.flip(3), x)
+    return x

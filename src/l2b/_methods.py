@@ -1,0 +1,155 @@
+"""Training methods: small policies over the one trainer, found through a registry.
+
+A method says what loss a training batch gets (and, for meta methods, the per-sample weights); the
+trainer (`l2b._train`) does everything else: data, schedule, clipping, the optimizer step,
+evaluation, checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._errors import check_choice
+from ._meta import meta_weights
+
+__all__ = ["Method", "StepContext", "StepResult", "register_method", "create_method", "list_methods"]
+
+
+@dataclass
+class StepContext:
+    """What a method may use besides the batch.
+
+    ``next_clean()`` returns the next clean batch (x_val, y_val) from a persistent, cycling,
+    reshuffled source; ``optimizer`` is the real step's optimizer with this step's lr already set.
+    """
+
+    optimizer: torch.optim.Optimizer
+    next_clean: Callable[[], tuple[Tensor, Tensor]]
+    epoch: int
+    num_classes: int
+
+
+@dataclass
+class StepResult:
+    """The loss to backpropagate, and optionally the per-sample weights (n,) and pseudo-labels (n,)."""
+
+    loss: Tensor
+    alpha: Tensor | None = None
+    beta: Tensor | None = None
+    pseudo: Tensor | None = None
+    logits: Tensor | None = field(default=None, repr=False)
+
+
+class Method(Protocol):
+    """A training method.
+
+    Attributes
+    ----------
+    name : str
+    uses_meta_set : bool
+        Draws clean batches every step (the trainer then builds the cycling clean source).
+    trains_on_clean : bool
+        The clean set is appended to the training set, with its true labels (``ce+clean``).
+    warmup_with_ce : bool
+        During the warm-up epochs the trainer uses plain cross-entropy instead.
+    """
+
+    name: str
+    uses_meta_set: bool
+    trains_on_clean: bool
+    warmup_with_ce: bool
+
+    def step(self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext) -> StepResult: ...
+
+
+_METHODS: dict[str, Callable[..., Method]] = {}
+
+
+def register_method(name: str):
+    def add(factory):
+        _METHODS[name] = factory
+        return factory
+
+    return add
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def create_method(name: str, **options) -> Method:
+    """Build a method by name; options it does not take are ignored (one config feeds all)."""
+    check_choice("method", name, _METHODS)
+    return _METHODS[name](**options)
+
+
+@dataclass
+class CrossEntropy:
+    """Plain cross-entropy on the observed labels."""
+
+    name: str = "ce"
+    uses_meta_set: bool = False
+    trains_on_clean: bool = False
+    warmup_with_ce: bool = False
+
+    def step(self, model, x, y, ctx):
+        logits = model(x)
+        return StepResult(F.cross_entropy(logits, y), logits=logits)
+
+
+@register_method("ce")
+def _ce(**_):
+    return CrossEntropy()
+
+
+@register_method("ce+clean")
+def _ce_clean(**_):
+    """Cross-entropy on the noisy set plus the clean set: the honest baseline that sees the clean data too."""
+    return CrossEntropy(name="ce+clean", trains_on_clean=True)
+
+
+@dataclass
+class MetaReweight:
+    """L2B (Zhou et al. 2022, Algorithm 1) and its ablations (Table 7), one step:
+
+    alpha, beta = meta_weights(...)  (eq. 5-9); loss = sum_i alpha_i f_i + beta_i g_i  (eq. 10),
+    on the same batch; the real forward is the only one that moves BatchNorm running statistics.
+    Under ``mode="convex"`` each sample's pair sums to one, so the batch loss is their mean.
+    """
+
+    name: str
+    mode: str
+    normalize: str = "sum"
+    temperature: float = 10.0
+    uses_meta_set: bool = True
+    trains_on_clean: bool = False
+    warmup_with_ce: bool = True
+
+    def step(self, model, x, y, ctx):
+        x_val, y_val = ctx.next_clean()
+        w = meta_weights(model, x, y, x_val, y_val, optimizer=ctx.optimizer, mode=self.mode,
+                         normalize=self.normalize, temperature=self.temperature)
+        logits = model(x)  # (n, K), the real forward
+        f = F.cross_entropy(logits, y, reduction="none")
+        g = F.cross_entropy(logits, w.pseudo, reduction="none")
+        loss = (w.alpha * f + w.beta * g).sum()
+        if self.mode == "convex":
+            loss = loss / len(y)
+        return StepResult(loss, w.alpha, w.beta, w.pseudo, logits)
+
+
+def _meta_factory(name: str, mode: str):
+    def build(normalize: str = "sum", temperature: float = 10.0, **_):
+        return MetaReweight(name, mode, normalize, temperature)
+
+    build.__doc__ = f"`{name}`: meta-reweighting with mode={mode!r}."
+    return build
+
+
+for _name, _mode in (("l2b", "l2b"), ("l2rw", "beta0"), ("l2b-alpha0", "alpha0"), ("l2b-convex", "convex")):
+    register_method(_name)(_meta_factory(_name, _mode))

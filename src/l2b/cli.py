@@ -1,0 +1,158 @@
+"""The `l2b` command line. Every user-facing failure is one line `l2b: error: ...` and exit code 2."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import typing
+
+from ._config import Config, load_yaml, make_config
+from ._errors import L2BError
+from ._methods import list_methods
+from ._models import list_models
+
+# help for `l2b train` flags; the flags themselves come from Config's fields
+TRAIN_HELP = {
+    "method": "training method: " + ", ".join(list_methods()),
+    "model": "model: " + ", ".join(list_models()),
+    "dataset": "data set (default fashion-mnist)",
+    "data_dir": "folder searched first for the data set's files",
+    "noise": "synthetic noise model: sym (uniform over the other classes), asym (class-pair map), none",
+    "noise_rate": "fraction of training labels changed, in [0, 1)",
+    "subset": "use N noisy training images (0 = all); the default keeps a run to minutes on 2 CPU cores",
+    "val_size": "clean (trusted) images carved from the training set, class-balanced",
+    "augment": "random crop + horizontal flip on the device",
+    "epochs": "training epochs",
+    "warmup_epochs": "epochs of plain cross-entropy before a meta method starts",
+    "batch_size": "noisy images per step (n)",
+    "val_batch_size": "clean images per meta step (m)",
+    "lr": "initial learning rate eta (eq. 6), cosine-decayed to 0",
+    "momentum": "SGD momentum (the look-ahead of eq. 6 uses it too)",
+    "weight_decay": "SGD weight decay (the look-ahead of eq. 6 uses it too)",
+    "grad_clip": "max gradient norm of the real step; 0 disables",
+    "normalize": "meta-weight normalisation: sum (eq. 8-9), softmax (eq. 14), sigmoid (eq. 13)",
+    "temperature": "softmax temperature T of eq. 14",
+    "eval_batch_size": "batch size of the per-epoch evaluation",
+    "seed": "seed of the split, the noise, the initialisation and the data order",
+    "device": "auto, cpu, cuda or cuda:N",
+    "out": "run folder (must not exist); default runs/<time>-<method>",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own usage dump is noise here)
+        raise L2BError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(Config)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
+        default_note = f" (default {f.default})"
+        if base is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=TRAIN_HELP.get(f.name, "") + default_note)
+        else:
+            parser.add_argument(flag, type=base, default=None, metavar=f.name.upper(),
+                                help=TRAIN_HELP.get(f.name, "") + default_note)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="l2b", description="Learning to Bootstrap: training with noisy labels and a small clean set.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a model (default: L2B on Fashion-MNIST, 40%% symmetric noise)")
+    train.add_argument("--config", metavar="FILE", help="YAML file with the same keys; flags override it")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
+    _add_config_flags(train)
+
+    bench = sub.add_parser("bench", help="benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
+    step = bench_sub.add_parser("step", help="step time of plain CE, exact L2B and the double-backward reference")
+    step.add_argument("--model", default="small-cnn", choices=list_models())
+    step.add_argument("--batch-size", type=int, default=128)
+    step.add_argument("--val-batch-size", type=int, default=100)
+    step.add_argument("--image-shape", default="3,32,32", help="C,H,W of the random inputs")
+    step.add_argument("--device", default="cpu")
+    step.add_argument("--steps", type=int, default=20, help="timed steps per kind (median reported)")
+    step.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    return parser
+
+
+def _train(args) -> int:
+    from ._train import train
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    if args.resume:
+        if flags or args.config:
+            raise L2BError("--resume continues a run with its saved config; give no other training options")
+        summary = train(None, resume=args.resume, progress=not args.quiet)
+    else:
+        values = load_yaml(args.config) if args.config else {}
+        values.update(flags)
+        cfg = make_config(values, source=args.config or "command line")
+        summary = train(cfg, progress=not args.quiet)
+    print(format_summary(summary))
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    rate = "unknown" if s["noise_rate_actual"] is None else f"{100 * s['noise_rate_actual']:.1f}%"
+    return "\n".join([
+        f"l2b train: {s['method']} on {s['dataset']}, noise {s['noise']} {100 * s['noise_rate']:.0f}% "
+        f"(actual {rate}), {s['epochs']} epochs, seed {s['seed']}",
+        f"  test accuracy, last epoch           {s['test_acc_last']:6.2f}%",
+        f"  test accuracy, best clean-val epoch {s['test_acc_best_val']:6.2f}%  (epoch {s['best_val_epoch']})",
+        f"  test accuracy, max over epochs      {s['test_acc_max']:6.2f}%  (selected on the test set: paper-comparable only)",
+        f"  training time                       {s['train_seconds']:.1f} s",
+        f"  run folder                          {s['run_dir']}",
+    ])
+
+
+def _bench(args) -> int:
+    if args.bench_command != "step":
+        raise L2BError("choose a benchmark: l2b bench step")
+    from ._bench import bench_step, format_step_table
+
+    try:
+        shape = tuple(int(v) for v in args.image_shape.split(","))
+        assert len(shape) == 3
+    except (ValueError, AssertionError):
+        raise L2BError(f"--image-shape must be C,H,W, got {args.image_shape!r}") from None
+    result = bench_step(model=args.model, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
+                        image_shape=shape, device=args.device, steps=args.steps)
+    print(json.dumps(result, indent=1) if args.json else format_step_table(result))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "train":
+            return _train(args)
+        if args.command == "bench":
+            return _bench(args)
+        build_parser().print_help()
+        return 2
+    except L2BError as exc:
+        if debug:
+            raise
+        print(f"l2b: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("l2b: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
