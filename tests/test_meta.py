@@ -157,3 +157,27 @@ def test_bad_mode_names_choices():
     model, x, y, xv, yv = _problem()
     with pytest.raises(l2b.L2BError, match="l2b"):
         meta_weights(model, x, y, xv, yv, mode="nope")
+
+
+def test_weighted_forward_equals_meta_weights_then_real_step():
+    # the trainer's fused pass: same weights, same gradients, same BatchNorm statistics
+    from l2b._meta import weighted_forward
+
+    model, x, y, xv, yv = _problem(seed=7)
+    opt = _optimizer(model, "nesterov", x, y)
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.SGD(twin.parameters(), **{k: v for k, v in opt.defaults.items() if k != "params"})
+    twin_opt.load_state_dict(opt.state_dict())
+    model.train(), twin.train()
+    model.zero_grad(set_to_none=True), twin.zero_grad(set_to_none=True)
+    w, logits = weighted_forward(model, x, y, xv, yv, optimizer=opt, mode="l2b")
+    ref = meta_weights(twin, x, y, xv, yv, optimizer=twin_opt)
+    twin_logits = twin(x)
+    for a, b in ((w.alpha, ref.alpha), (w.beta, ref.beta), (w.raw_alpha, ref.raw_alpha)):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-15)
+    for net, lg, ww in ((model, logits, w), (twin, twin_logits, ref)):
+        (ww.alpha * F.cross_entropy(lg, y, reduction="none") + ww.beta * F.cross_entropy(lg, ww.pseudo, reduction="none")).sum().backward()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-15)
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ._meta import meta_weights
+from ._meta import weighted_forward
 from ._models import create_model
 from ._reference import reference_meta_weights
 
@@ -44,18 +44,17 @@ def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_siz
     def ce_step():
         finish(F.cross_entropy(net(x), y))
 
-    def weighted_step(weights):
-        alpha, beta, pseudo = weights[0], weights[1], weights[2]
-        logits = net(x)
+    def weighted_step(logits, alpha, beta, pseudo):
         finish((alpha * F.cross_entropy(logits, y, reduction="none")
                 + beta * F.cross_entropy(logits, pseudo, reduction="none")).sum())
 
-    def l2b_step():
-        w = meta_weights(net, x, y, xv, yv, optimizer=opt)
-        weighted_step((w.alpha, w.beta, w.pseudo))
+    def l2b_step():  # as the trainer does it: the real forward carries the tangent
+        w, logits = weighted_forward(net, x, y, xv, yv, optimizer=opt)
+        weighted_step(logits, w.alpha, w.beta, w.pseudo)
 
-    def reference_step():
-        weighted_step(reference_meta_weights(net, x, y, xv, yv, optimizer=opt))
+    def reference_step():  # double backward through a functional look-ahead, then the real step
+        alpha, beta, pseudo, _, _ = reference_meta_weights(net, x, y, xv, yv, optimizer=opt)
+        weighted_step(net(x), alpha, beta, pseudo)
 
     kinds = {"ce": ce_step, "l2b_exact": l2b_step, "reference_double_backward": reference_step}
     times = {k: [] for k in kinds}

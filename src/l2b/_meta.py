@@ -14,7 +14,10 @@ Hence, at alpha = beta = 0 (paper Appendix B.2, eq. 23 and 28),
     raw_beta_i  = -dG/dbeta_i  = < s * grad G(theta'), grad g_i(theta) >.
 
 With v = s * grad G(theta') (one forward + backward of the clean batch), all 2n inner products are a
-single forward-mode JVP of the per-sample losses along v: no double backward, no per-sample gradients.
+single forward-mode pass along v (the loss tangents follow from the logits' tangent in closed form):
+no double backward, no per-sample gradients. In training, that pass is the real forward itself
+(``weighted_forward``), so an L2B step costs a plain step plus one clean forward/backward plus the
+tangent part of the forward.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+import torch.autograd.forward_ad as fwAD
+from torch.func import functional_call
 
 from ._errors import L2BError, check_choice
 
@@ -142,34 +146,70 @@ def raw_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, reduce_direct
     before the JVP; data-parallel training all-reduces it there so every rank uses the global v.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    shift, scale = lookahead_affine(params, optimizer)
     with meta_mode(model):
-        theta_prime = {n: (p.detach() - shift[n]).requires_grad_(True) for n, p in params.items()}
-        clean_loss = F.cross_entropy(functional_call(model, theta_prime, (x_val,)), y_val)
-        grads = torch.autograd.grad(clean_loss, list(theta_prime.values()), allow_unused=True)
-        direction = {
-            n: torch.zeros_like(p) if g is None else g * scale[n]
-            for (n, p), g in zip(params.items(), grads)
-        }
-        if reduce_direction is not None:
-            direction = reduce_direction(direction)
+        direction = clean_direction(model, x_val, y_val, params, optimizer, reduce_direction)
         raw, pseudo = directional_losses(model, x, y, params, direction)
     return raw[0], raw[1], pseudo
 
 
+def weighted_forward(model, x, y, x_val, y_val, *, optimizer=None, mode="l2b", normalize="sum",
+                     temperature=10.0, reduce_direction=None, reduce_weights=None):
+    """The training step's forward: (MetaWeights, logits (n, K) with their autograd graph).
+
+    Equal to ``meta_weights`` followed by ``model(x)``, one forward cheaper: the real forward (the
+    one that moves BatchNorm running statistics, in the model's current mode) carries the tangent
+    along v, so the same pass yields the logits to backpropagate and the 2n inner products.
+    ``reduce_weights`` (data parallel) replaces the normalisation by a global one.
+    """
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    with meta_mode(model):
+        direction = clean_direction(model, x_val, y_val, params, optimizer, reduce_direction)
+    logits, tangent = dual_forward(model, x, params, direction)
+    raw, pseudo = loss_tangents(logits.detach(), tangent, y)
+    normalizer = reduce_weights or normalize_weights
+    alpha, beta = normalizer(raw[0], raw[1], mode=mode, normalize=normalize, temperature=temperature)
+    return MetaWeights(alpha, beta, pseudo, raw[0], raw[1]), logits
+
+
+def clean_direction(model, x_val, y_val, params, optimizer, reduce_direction=None) -> dict[str, Tensor]:
+    """v = s * grad G(theta'): the clean-batch gradient at the look-ahead point, scaled per parameter."""
+    shift, scale = lookahead_affine(params, optimizer)
+    theta_prime = {n: (p.detach() - shift[n]).requires_grad_(True) for n, p in params.items()}
+    clean_loss = F.cross_entropy(functional_call(model, theta_prime, (x_val,)), y_val)
+    grads = torch.autograd.grad(clean_loss, list(theta_prime.values()), allow_unused=True)
+    direction = {n: torch.zeros_like(p) if g is None else g * scale[n] for (n, p), g in zip(params.items(), grads)}
+    return reduce_direction(direction) if reduce_direction is not None else direction
+
+
+def dual_forward(model, x, params, direction) -> tuple[Tensor, Tensor]:
+    """One forward with parameters theta + dual part v: (logits, d logits / dt along v), each (n, K).
+
+    The logits keep the reverse-mode graph to the parameters; the tangent is detached.
+    """
+    with fwAD.dual_level():
+        dual = {n: fwAD.make_dual(p, direction[n]) for n, p in params.items()}
+        logits, tangent = fwAD.unpack_dual(functional_call(model, dual, (x,)))
+    return logits, tangent.detach()
+
+
+def loss_tangents(logits: Tensor, tangent: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Tangents of f_i = CE(z_i, y_i) and g_i = CE(z_i, p_i), p_i = argmax z_i: ((2, n), pseudo (n,)).
+
+    d CE(z, c) = <softmax(z) - onehot(c), dz>, so no forward-mode pass through the loss is needed.
+    """
+    probs = torch.softmax(logits, dim=1)  # (n, K)
+    pseudo = probs.argmax(dim=1)  # an index: no gradient flows through the choice
+    expected = (probs * tangent).sum(dim=1)  # (n,)
+    f = expected - tangent.gather(1, y[:, None])[:, 0]
+    g = expected - tangent.gather(1, pseudo[:, None])[:, 0]
+    return torch.stack([f, g]), pseudo
+
+
 def directional_losses(model, x, y, params, direction):
     """JVP of the per-sample losses (f, g) along ``direction``: returns ((2, n) tangents, pseudo)."""
-    primal = {n: p.detach() for n, p in params.items()}
-
-    def per_sample_losses(theta):
-        logits = functional_call(model, theta, (x,))  # (n, K)
-        pseudo = logits.detach().argmax(dim=1)  # an index: no gradient flows through the choice
-        f = F.cross_entropy(logits, y, reduction="none")
-        g = F.cross_entropy(logits, pseudo, reduction="none")
-        return torch.stack([f, g]), pseudo
-
-    _, tangent, pseudo = jvp(per_sample_losses, (primal,), (direction,), has_aux=True)
-    return tangent.detach(), pseudo
+    with torch.no_grad():
+        logits, tangent = dual_forward(model, x, params, direction)
+    return loss_tangents(logits, tangent, y)
 
 
 def lookahead_affine(params: dict[str, Tensor], optimizer) -> tuple[dict[str, Tensor], dict[str, float]]:
@@ -219,8 +259,8 @@ def meta_mode(model: nn.Module):
     """Train mode with batch statistics, without touching BatchNorm running statistics.
 
     ``track_running_stats = False`` makes BatchNorm normalise by the batch (keeping the exact
-    cross-sample coupling) and leave running_mean/var/num_batches_tracked alone; torch.func.jvp
-    also refuses to run a module that mutates its buffers.
+    cross-sample coupling) and leave running_mean/var/num_batches_tracked alone, so only the real
+    forward of a step moves them.
     """
     modes = [(m, m.training) for m in model.modules()]
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._errors import check_choice
-from ._meta import meta_weights
+from ._meta import weighted_forward
 
 __all__ = ["Method", "StepContext", "StepResult", "register_method", "create_method", "list_methods"]
 
@@ -132,9 +132,9 @@ class MetaReweight:
 
     def step(self, model, x, y, ctx):
         x_val, y_val = ctx.next_clean()
-        w = meta_weights(model, x, y, x_val, y_val, optimizer=ctx.optimizer, mode=self.mode,
-                         normalize=self.normalize, temperature=self.temperature)
-        logits = model(x)  # (n, K), the real forward
+        # meta_weights(...) and the real forward model(x) in one pass (see weighted_forward)
+        w, logits = weighted_forward(model, x, y, x_val, y_val, optimizer=ctx.optimizer, mode=self.mode,
+                                     normalize=self.normalize, temperature=self.temperature)
         f = F.cross_entropy(logits, y, reduction="none")
         g = F.cross_entropy(logits, w.pseudo, reduction="none")
         loss = (w.alpha * f + w.beta * g).sum()
