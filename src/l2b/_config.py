@@ -39,6 +39,9 @@ class Config:
     temperature: float = 10.0  # softmax temperature T (eq. 14)
     # run
     eval_batch_size: int = 1000
+    checkpoint_every: int = 1  # epochs between checkpoints (checkpoint.pt; the last epoch always)
+    keep_checkpoints: int = 1  # > 1 also keeps that many - 1 epoch checkpoints beside checkpoint.pt
+    on_nan: str = "stop"  # stop: save the last good state and exit | skip: skip and count such steps
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str | None = None  # run folder; default runs/<time>-<method>; never an existing folder
@@ -61,6 +64,8 @@ _RANGES = {  # key: (lower bound, inclusive?, upper bound, inclusive?)
     "eval_batch_size": (1, True, None, None),
     "val_size": (1, True, None, None),
     "subset": (0, True, None, None),
+    "checkpoint_every": (1, True, None, None),
+    "keep_checkpoints": (1, True, None, None),
 }
 
 
@@ -115,6 +120,8 @@ def validate(cfg: Config) -> None:
             raise L2BError(f"{key} must be in {lo_s}, {hi_s}, got {v}")
     if cfg.warmup_epochs > cfg.epochs:
         raise L2BError(f"warmup_epochs ({cfg.warmup_epochs}) exceeds epochs ({cfg.epochs})")
+    if cfg.on_nan not in ("stop", "skip"):
+        raise L2BError(f"on_nan must be stop or skip, got {cfg.on_nan!r}")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise L2BError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 

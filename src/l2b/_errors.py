@@ -24,3 +24,11 @@ def check_choice(kind: str, name: str, choices) -> None:
     if name not in choices:
         valid = ", ".join(sorted(str(c) for c in choices))
         raise L2BError(f"unknown {kind} {name!r}{closest(name, choices)}; choose one of: {valid}")
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGINT/SIGTERM after writing a checkpoint; ``exit_code`` is 130 or 143."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

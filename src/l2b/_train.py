@@ -8,6 +8,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -15,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -23,7 +26,7 @@ from . import _noise
 from ._checkpoint import atomic_save, rng_state, safe_load, set_rng_state
 from ._config import Config, make_config, save_yaml
 from ._data import DeviceImages, ImageData, balanced_clean_split, channel_stats, load_fashion_mnist
-from ._errors import L2BError, check_choice
+from ._errors import Interrupted, L2BError, check_choice
 from ._methods import CrossEntropy, StepContext, create_method
 from ._models import create_model
 
@@ -225,21 +228,48 @@ def new_run_dir(cfg: Config) -> Path:
 
 # ---------------------------------------------------------------- the loop
 
-def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = True) -> dict:
+class _StopSignals:
+    """Turns SIGINT/SIGTERM into a flag the loop reads after each step (main thread only)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config | None, *, resume: str | Path | None = None, progress: bool = True) -> dict:
     """Train ``cfg.method`` and write the run folder; returns the summary dict.
 
-    With ``resume``, continue the run in that folder from its last checkpoint (bit-exact on CPU).
+    With ``resume`` (a run folder), continue from its last checkpoint: on CPU the result is
+    bit-identical to an uninterrupted run. SIGINT/SIGTERM finish the current step, write a
+    checkpoint and raise :class:`Interrupted`.
     """
+    state = None
     if resume is not None:
         out = Path(resume)
         state = safe_load(out / "checkpoint.pt")
         cfg = make_config(state["config"], source=str(out / "checkpoint.pt"))
     method = create_method(cfg.method, normalize=cfg.normalize, temperature=cfg.temperature)
     device = resolve_device(cfg.device)
+    if resume is None:
+        out = new_run_dir(cfg)  # before any data is read: a bad --out fails fast
     data = load_dataset(cfg)
     td = prepare_data(cfg, data, device, method.trains_on_clean)
     if resume is None:
-        out = new_run_dir(cfg)
         save_yaml(cfg, out / "config.yaml")
         (out / "noise.json").write_text(json.dumps(td.noise_info, indent=1))
         np.save(out / "noisy_labels.npy", td.y_observed.cpu().numpy())
@@ -254,15 +284,26 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
     batch_size = min(cfg.batch_size, n_train)
     steps_per_epoch = n_train // batch_size  # the last partial batch is dropped (BatchNorm needs > 1)
     total_steps = steps_per_epoch * cfg.epochs
-    start_epoch, step, metrics, train_seconds = 0, 0, [], 0.0
-    if resume is not None:
+    # loop position and running totals: everything a checkpoint must hold besides the modules
+    pos = {"epoch": 0, "batch": 0, "step": 0, "perm": None, "loss_sum": 0.0, "skipped": 0,
+           "weight_stats": torch.zeros(3, 2, dtype=torch.float64), "epoch_seconds": 0.0,
+           "train_seconds": 0.0, "metrics": [], "best_val": -1.0}
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         order_gen.set_state(state["order_gen"])
         clean_source.load_state_dict(state["clean_source"])
-        records.load_state_dict(state["records"])
+        records.load_state_dict({k: v.to(device) for k, v in state["records"].items()})
         set_rng_state(state["rng"])
-        start_epoch, step, metrics, train_seconds = state["epoch"], state["step"], state["metrics"], state["train_seconds"]
+        pos = state["position"]
+        _write_metrics(out, pos["metrics"])  # drop lines of an epoch that had not reached its checkpoint
+
+    def checkpoint(path: Path) -> None:
+        atomic_save({
+            "config": cfg.to_dict(), "position": pos, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "order_gen": order_gen.get_state(),
+            "clean_source": clean_source.state_dict(), "records": records.state_dict(), "rng": rng_state(),
+        }, path)
 
     def next_clean():
         idx = clean_source.next().to(device)
@@ -270,66 +311,102 @@ def train(cfg: Config, *, resume: str | Path | None = None, progress: bool = Tru
 
     ce = CrossEntropy()
     model.train()
-    for epoch in range(start_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        policy = ce if (method.warmup_with_ce and epoch < cfg.warmup_epochs) else method
-        perm = torch.randperm(n_train, generator=order_gen).to(device)
-        loss_sum, weight_stats = 0.0, torch.zeros(4, 2, dtype=torch.float64, device=device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not progress)
-        for b in bar:
-            lr = cosine_lr(step, total_steps, cfg.lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            idx = perm[b * batch_size : (b + 1) * batch_size]
-            x = td.train.batch(idx, augment=cfg.augment, generator=order_gen)
-            y = td.y_observed[idx]
-            ctx = StepContext(optimizer, next_clean, epoch, td.num_classes)
-            result = policy.step(model, x, y, ctx)
-            if not torch.isfinite(result.loss):
-                raise L2BError(f"loss became {result.loss.item()} at epoch {epoch + 1}, step {step}; "
-                               "lower --lr or set --grad-clip")
-            optimizer.zero_grad(set_to_none=True)
-            result.loss.backward()
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
-            loss_sum += result.loss.item()
-            if result.alpha is not None:
-                records.update(idx, y, result.alpha, result.beta, result.pseudo, result.logits)
-                if td.flipped is not None:
-                    _accumulate_weight_stats(weight_stats, td.flipped[idx], result.alpha, result.beta)
-        val_acc = evaluate(model, td.clean, td.y_clean, cfg.eval_batch_size)
-        test_acc = evaluate(model, td.test, td.y_test, cfg.eval_batch_size)
-        seconds = time.perf_counter() - t0
-        train_seconds += seconds
-        line = {"epoch": epoch + 1, "lr": lr, "train_loss": loss_sum / max(steps_per_epoch, 1),
-                "val_acc": val_acc, "test_acc": test_acc, "seconds": seconds}
-        if method.uses_meta_set and policy is method:
-            line.update(_weight_means(weight_stats))
-        metrics.append(line)
-        with open(out / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(line) + "\n")
-        log.info("epoch %d/%d  loss %.4f  val %.2f  test %.2f  (%.1fs)", epoch + 1, cfg.epochs,
-                 line["train_loss"], val_acc, test_acc, seconds)
-        if progress:
-            tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {line['train_loss']:.4f}  "
-                       f"val {val_acc:6.2f}  test {test_acc:6.2f}  {seconds:5.1f}s")
-        atomic_save({
-            "config": cfg.to_dict(), "epoch": epoch + 1, "step": step, "metrics": metrics,
-            "train_seconds": train_seconds, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "order_gen": order_gen.get_state(), "clean_source": clean_source.state_dict(),
-            "records": records.state_dict(), "rng": rng_state(),
-        }, out / "checkpoint.pt")
+    with _StopSignals() as signals:
+        while pos["epoch"] < cfg.epochs:
+            epoch = pos["epoch"]
+            t0 = time.perf_counter()
+            policy = ce if (method.warmup_with_ce and epoch < cfg.warmup_epochs) else method
+            if pos["perm"] is None:
+                pos["perm"] = torch.randperm(n_train, generator=order_gen)
+            perm = pos["perm"].to(device)
+            bar = tqdm(range(pos["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+                       leave=False, disable=not progress)
+            for b in bar:
+                lr = cosine_lr(pos["step"], total_steps, cfg.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                idx = perm[b * batch_size : (b + 1) * batch_size]
+                x = td.train.batch(idx, augment=cfg.augment, generator=order_gen)
+                y = td.y_observed[idx]
+                result = policy.step(model, x, y, StepContext(optimizer, next_clean, epoch, td.num_classes))
+                if torch.isfinite(result.loss):
+                    optimizer.zero_grad(set_to_none=True)
+                    result.loss.backward()
+                    if cfg.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    pos["loss_sum"] += result.loss.item()
+                    if result.alpha is not None:
+                        records.update(idx, y, result.alpha, result.beta, result.pseudo, result.logits)
+                        if td.flipped is not None:
+                            _accumulate_weight_stats(pos["weight_stats"], td.flipped[idx].cpu(), result.alpha.cpu(), result.beta.cpu())
+                elif cfg.on_nan == "skip":
+                    pos["skipped"] += 1
+                    log.warning("non-finite loss at epoch %d, step %d: step skipped", epoch + 1, pos["step"])
+                else:
+                    pos["batch"] = b  # the parameters are still the last good ones
+                    checkpoint(out / "checkpoint.pt")
+                    raise L2BError(
+                        f"loss became {result.loss.item()} at epoch {epoch + 1}, step {pos['step']}; the last good "
+                        f"state is in {out / 'checkpoint.pt'}. Lower --lr, set --grad-clip, or pass --on-nan skip")
+                pos["step"] += 1
+                pos["batch"] = b + 1
+                if signals.received is not None:
+                    pos["epoch_seconds"] += time.perf_counter() - t0
+                    checkpoint(out / "checkpoint.pt")
+                    code = 130 if signals.received == signal.SIGINT else 143
+                    raise Interrupted(f"stopped by signal at epoch {epoch + 1}, step {pos['step']}; "
+                                      f"resume with: l2b train --resume {out}", code)
+            val_acc = evaluate(model, td.clean, td.y_clean, cfg.eval_batch_size)
+            test_acc = evaluate(model, td.test, td.y_test, cfg.eval_batch_size)
+            seconds = pos["epoch_seconds"] + time.perf_counter() - t0
+            line = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": pos["loss_sum"] / max(steps_per_epoch, 1),
+                    "val_acc": val_acc, "test_acc": test_acc, "seconds": seconds}
+            if pos["skipped"]:
+                line["skipped_steps"] = pos["skipped"]
+            if method.uses_meta_set and policy is method:
+                line.update(_weight_means(pos["weight_stats"]))
+            pos["metrics"].append(line)
+            pos["train_seconds"] += seconds
+            pos.update(epoch=epoch + 1, batch=0, perm=None, loss_sum=0.0, skipped=0, epoch_seconds=0.0,
+                       weight_stats=torch.zeros(3, 2, dtype=torch.float64))
+            with open(out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(line) + "\n")
+            if progress:
+                tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {line['train_loss']:.4f}  "
+                           f"val {val_acc:6.2f}  test {test_acc:6.2f}  {seconds:5.1f}s")
+            if val_acc > pos["best_val"]:
+                pos["best_val"] = val_acc
+                atomic_save({"config": cfg.to_dict(), "epoch": epoch + 1, "val_acc": val_acc,
+                             "model": model.state_dict()}, out / "best.pt")
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                checkpoint(out / "checkpoint.pt")
+                _keep_history(out, epoch + 1, cfg.keep_checkpoints)
 
-    summary = summarize(cfg, metrics, td.noise_info, train_seconds)
+    summary = summarize(cfg, pos["metrics"], td.noise_info, pos["train_seconds"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     summary["run_dir"] = str(out)
     return summary
 
 
+def _write_metrics(out: Path, metrics: list[dict]) -> None:
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def _keep_history(out: Path, epoch: int, keep: int) -> None:
+    """Besides checkpoint.pt (the latest), keep copies of the last ``keep - 1`` epoch checkpoints."""
+    if keep <= 1:
+        return
+    shutil.copyfile(out / "checkpoint.pt", out / f"checkpoint-epoch{epoch:04d}.pt")
+    history = sorted(out.glob("checkpoint-epoch*.pt"))
+    for old in history[: max(len(history) - (keep - 1), 0)]:
+        old.unlink()
+
+
 def _accumulate_weight_stats(stats: Tensor, flipped: Tensor, alpha: Tensor, beta: Tensor) -> None:
-    """stats rows: alpha sum, beta sum, count, unused; columns: clean, flipped."""
+    """stats (3, 2), rows: alpha sum, beta sum, count; columns: clean, flipped samples."""
     n = len(alpha)
     for col, mask in enumerate((~flipped, flipped)):
         stats[0, col] += alpha[mask].double().sum() * n

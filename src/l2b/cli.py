@@ -10,7 +10,7 @@ import sys
 import typing
 
 from ._config import Config, load_yaml, make_config
-from ._errors import L2BError
+from ._errors import Interrupted, L2BError
 from ._methods import list_methods
 from ._models import list_models
 
@@ -36,6 +36,9 @@ TRAIN_HELP = {
     "normalize": "meta-weight normalisation: sum (eq. 8-9), softmax (eq. 14), sigmoid (eq. 13)",
     "temperature": "softmax temperature T of eq. 14",
     "eval_batch_size": "batch size of the per-epoch evaluation",
+    "checkpoint_every": "epochs between checkpoints (checkpoint.pt, used by --resume)",
+    "keep_checkpoints": "keep this many epoch checkpoints (1: only the latest)",
+    "on_nan": "on a NaN/inf loss: stop (save the last good state, exit 2) or skip the step and count it",
     "seed": "seed of the split, the noise, the initialisation and the data order",
     "device": "auto, cpu, cuda or cuda:N",
     "out": "run folder (must not exist); default runs/<time>-<method>",
@@ -149,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"l2b: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"l2b: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         print("l2b: interrupted", file=sys.stderr)
         return 130
