@@ -6,6 +6,7 @@ import os
 import pickle
 import random
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,9 @@ def safe_load(path: Path, map_location="cpu"):
     if not path.is_file():
         raise L2BError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns before refusing; our one error line says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
         raise L2BError(f"{path}: refused to load: it holds objects other than tensors and plain data ({first})") from None

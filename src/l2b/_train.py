@@ -343,12 +343,11 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                 elif cfg.on_nan == "skip":
                     pos["skipped"] += 1
                     log.warning("non-finite loss at epoch %d, step %d: step skipped", epoch + 1, pos["step"])
-                else:
-                    pos["batch"] = b  # the parameters are still the last good ones
-                    checkpoint(out / "checkpoint.pt")
-                    raise L2BError(
-                        f"loss became {result.loss.item()} at epoch {epoch + 1}, step {pos['step']}; the last good "
-                        f"state is in {out / 'checkpoint.pt'}. Lower --lr, set --grad-clip, or pass --on-nan skip")
+                else:  # checkpoint.pt stays as it was: the state at the last checkpoint, before the fault
+                    last = (f"the last good checkpoint is {out / 'checkpoint.pt'}" if (out / "checkpoint.pt").exists()
+                            else "no checkpoint had been written yet")
+                    raise L2BError(f"loss became {result.loss.item()} at epoch {epoch + 1}, step {pos['step']}; {last}. "
+                                   "Lower --lr, set --grad-clip, or pass --on-nan skip")
                 pos["step"] += 1
                 pos["batch"] = b + 1
                 if signals.received is not None:
