@@ -125,31 +125,35 @@ CIFAR_ARCHIVES = {
 }
 
 
-def _numpy_reconstruct():
+def _multiarray():
     try:
         from numpy._core import multiarray
     except ImportError:  # numpy < 2
         from numpy.core import multiarray
-    return multiarray._reconstruct
+    return multiarray
+
+
+class _Refused(pickle.UnpicklingError):
+    pass
 
 
 class _BatchUnpickler(pickle.Unpickler):
-    """Admits only what a CIFAR batch holds: dicts, lists, str, bytes, ints and numpy arrays.
+    """Admits only what a CIFAR batch holds: dicts, lists, str, bytes, ints, numpy arrays and scalars.
 
     Any other global (``os.system``, ``builtins.eval`` ...) is refused, so a crafted file cannot
     run code. Python-2 pickles (the published batches) need ``encoding="bytes"``.
     """
 
     def find_class(self, module, name):
-        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            return _numpy_reconstruct()
+        if name in ("_reconstruct", "scalar") and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return getattr(_multiarray(), name)  # array and numpy-scalar reconstruction only
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
         if (module, name) == ("_codecs", "encode"):  # how protocol-2 pickles spell bytes
             import codecs
 
             return codecs.encode
-        raise pickle.UnpicklingError(f"refused global {module}.{name} (a CIFAR batch never contains it)")
+        raise _Refused(f"refused global {module}.{name} (a CIFAR batch never contains it)")
 
 
 def read_cifar_pickle(path: Path) -> dict:
@@ -159,7 +163,7 @@ def read_cifar_pickle(path: Path) -> dict:
             obj = _BatchUnpickler(io.BytesIO(fh.read()), encoding="bytes").load()
     except OSError as exc:
         raise L2BError(f"cannot read {path}: {exc.strerror}") from None
-    except pickle.UnpicklingError as exc:
+    except _Refused as exc:
         raise L2BError(f"{path}: not a CIFAR batch ({exc}); delete it and fetch the data set again") from None
     except Exception as exc:  # noqa: BLE001 - a corrupt pickle raises almost anything
         raise L2BError(f"{path}: corrupt pickle ({type(exc).__name__}: {exc}); delete it and fetch it again") from None
