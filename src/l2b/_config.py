@@ -17,14 +17,19 @@ class Config:
     # what to train
     method: str = "l2b"  # see `l2b train --help` for the list
     model: str = "small-cnn"
+    pretrained: bool = False  # resnet18/resnet50: ImageNet weights from the local torch hub cache
     # data
     dataset: str = "fashion-mnist"
     data_dir: str | None = None  # where to look first for the data set's files
-    noise: str = "sym"  # sym | asym | none (issue 4 adds more)
+    image_size: int | None = None  # resize every image to SIZE x SIZE on loading; None = keep (sizes must agree)
+    split_file: str | None = None  # isic2019: CSV image,split (train|val|test) instead of the seeded paper split
+    noise: str = "sym"  # none | sym | uniform | asym | pairflip | instance | file:PATH
     noise_rate: float = 0.4  # fraction of training labels changed, in [0, 1)
+    noise_map: str | None = None  # asym: YAML/JSON class map {source: target} (a list = a permutation)
     subset: int | None = 3000  # noisy training images used; None or 0 = all
     val_size: int = 1000  # clean (trusted) images, class-balanced, disjoint from training
     augment: bool = False  # random crop (pad 2) + horizontal flip, on the device
+    balanced_batches: int = 0  # > 0: an epoch is this many class-balanced batches (Clothing1M: 250)
     # optimisation (paper: SGD momentum 0.9, weight decay 5e-4, cosine decay)
     epochs: int = 40
     warmup_epochs: int = 1  # epochs of plain cross-entropy before a meta method starts
@@ -66,6 +71,8 @@ _RANGES = {  # key: (lower bound, inclusive?, upper bound, inclusive?)
     "subset": (0, True, None, None),
     "checkpoint_every": (1, True, None, None),
     "keep_checkpoints": (1, True, None, None),
+    "image_size": (1, True, None, None),
+    "balanced_batches": (0, True, None, None),
 }
 
 

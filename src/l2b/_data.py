@@ -60,6 +60,8 @@ class ImageData:
         Superclass of each class (CIFAR-100), used by asymmetric noise.
     paths : list of str or None
         Source file of each training image, where there is one.
+    files : dict of str to str
+        Text files to save in the run folder (e.g. the seeded ISIC2019 split, ``split.csv``).
     """
 
     name: str
@@ -74,6 +76,7 @@ class ImageData:
     train_labels_known: bool = True
     coarse: np.ndarray | None = None
     paths: list[str] | None = field(default=None, repr=False)
+    files: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -248,3 +251,35 @@ def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator
         mask = torch.rand(b, generator=generator, device=gen_device).to(x.device) < 0.5
         x = torch.where(mask[:, None, None, None], x.flip(3), x)
     return x
+
+
+def balanced_order(labels: Tensor, num_batches: int, batch_size: int, generator: torch.Generator) -> Tensor:
+    """Sample indices for an epoch of ``num_batches`` class-balanced batches (Clothing1M's 250 per epoch).
+
+    Each batch holds batch_size // K samples of every class present (the remainder goes to random
+    classes); within a class, samples are drawn without replacement, starting a new pass when one runs
+    out. Returns (num_batches * batch_size,) indices; batch b is the slice [b * batch_size, (b + 1) * batch_size).
+    """
+    present = torch.unique(labels)
+    k = len(present)
+    per = torch.full((num_batches, k), batch_size // k, dtype=torch.int64)
+    extra = batch_size - per[0].sum().item()
+    if extra:
+        per[torch.arange(num_batches)[:, None], torch.rand(num_batches, k, generator=generator).argsort(1)[:, :extra]] += 1
+    columns = []
+    for j, c in enumerate(present):
+        members = torch.nonzero(labels == c)[:, 0]
+        need = int(per[:, j].sum())
+        passes = -(-need // len(members))
+        draw = torch.cat([members[torch.randperm(len(members), generator=generator)] for _ in range(passes)])[:need]
+        columns.append(draw)
+    out, pos = [], [0] * k
+    for b in range(num_batches):
+        parts = []
+        for j in range(k):
+            n = int(per[b, j])
+            parts.append(columns[j][pos[j] : pos[j] + n])
+            pos[j] += n
+        batch = torch.cat(parts)
+        out.append(batch[torch.randperm(len(batch), generator=generator)])
+    return torch.cat(out)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import inspect
+from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -12,6 +15,14 @@ from ._errors import L2BError, check_choice
 __all__ = ["create_model", "register_model", "list_models"]
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_NEEDS = {"resnet18": "torchvision", "resnet50": "torchvision"}  # optional models and what they need
+
+try:
+    import torchvision
+
+    has_torchvision = True
+except ImportError:
+    has_torchvision = False
 
 
 def register_model(name: str):
@@ -36,10 +47,17 @@ def create_model(name: str, *, num_classes: int, in_channels: int = 3, **kwargs)
     >>> create_model("small-cnn", num_classes=10, in_channels=1)  # doctest: +ELLIPSIS
     SmallCNN(...)
     """
+    if name in _NEEDS and name not in _MODELS:
+        raise L2BError(f"model {name!r} needs {_NEEDS[name]}, which is not installed: pip install {_NEEDS[name]} "
+                       f"(or choose one of: {', '.join(list_models())})")
     check_choice("model", name, _MODELS)
     if num_classes < 2:
         raise L2BError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    accepted = inspect.signature(_MODELS[name]).parameters
+    for k in kwargs:
+        if k not in accepted:
+            raise L2BError(f"model {name!r} has no option {k!r}")
     return _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
@@ -149,3 +167,51 @@ class PreActResNet18(nn.Module):
 @register_model("preact-resnet18")
 def preact_resnet18(num_classes: int, in_channels: int = 3, width: int = 64) -> nn.Module:
     return PreActResNet18(num_classes, in_channels, width)
+
+
+# ---------------------------------------------------------------- torchvision ResNets (optional)
+
+def _hub_weights(weights_enum) -> Path:
+    """The ImageNet checkpoint in the local torch hub cache; never downloads."""
+    url = weights_enum.IMAGENET1K_V1.url
+    path = Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
+    if not path.is_file():
+        raise L2BError(f"ImageNet weights not found at {path}; put {url.rsplit('/', 1)[-1]} there "
+                       "(torch hub cache) or train without --pretrained")
+    return path
+
+
+def _torchvision_resnet(arch: str, num_classes: int, in_channels: int, pretrained: bool) -> nn.Module:
+    """A torchvision ResNet with its first convolution adapted to ``in_channels`` and a new K-way head.
+
+    With ``pretrained``, ImageNet weights come from the local torch hub cache; a grey (1-channel) stem
+    takes the sum of the RGB filters, other channel counts their mean repeated.
+    """
+    builder = getattr(torchvision.models, arch)
+    net = builder(weights=None)
+    if pretrained:
+        enum = {"resnet18": torchvision.models.ResNet18_Weights, "resnet50": torchvision.models.ResNet50_Weights}[arch]
+        net.load_state_dict(torch.load(_hub_weights(enum), map_location="cpu", weights_only=True))
+    if in_channels != 3:
+        old = net.conv1
+        net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        if pretrained:
+            with torch.no_grad():
+                w = old.weight.sum(1, keepdim=True) if in_channels == 1 else old.weight.mean(1, keepdim=True).repeat(
+                    1, in_channels, 1, 1)
+                net.conv1.weight.copy_(w)
+    net.fc = nn.Linear(net.fc.in_features, num_classes)
+    return net
+
+
+if has_torchvision:
+
+    @register_model("resnet18")
+    def resnet18(num_classes: int, in_channels: int = 3, pretrained: bool = False) -> nn.Module:
+        """torchvision ResNet-18 (the paper's Clothing1M model, with ImageNet weights)."""
+        return _torchvision_resnet("resnet18", num_classes, in_channels, pretrained)
+
+    @register_model("resnet50")
+    def resnet50(num_classes: int, in_channels: int = 3, pretrained: bool = False) -> nn.Module:
+        """torchvision ResNet-50 (the paper's ISIC2019 model, with ImageNet weights)."""
+        return _torchvision_resnet("resnet50", num_classes, in_channels, pretrained)

@@ -22,19 +22,18 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from . import _noise
+from . import _datasets, _noise
 from ._checkpoint import atomic_save, rng_state, safe_load, set_rng_state
 from ._config import Config, make_config, save_yaml
-from ._data import DeviceImages, ImageData, balanced_clean_split, channel_stats, load_fashion_mnist
-from ._errors import Interrupted, L2BError, check_choice
+from ._data import DeviceImages, ImageData, balanced_clean_split, balanced_order, channel_stats
+from ._errors import Interrupted, L2BError
 from ._methods import CrossEntropy, StepContext, create_method
 from ._models import create_model
 
 log = logging.getLogger(__name__)
 
-DATASETS = {"fashion-mnist": lambda cfg: load_fashion_mnist(cfg.data_dir)}
-NOISE_MODELS = ("sym", "asym", "none")
-ASYM_MAPS = {"fashion-mnist": _noise.FASHION_MNIST_ASYM_MAP}
+DATASETS = _datasets.DATASETS  # name -> loader(cfg); plus npz:PATH, folder:PATH, csv:PATH
+NOISE_MODELS = _noise.NOISE_MODELS
 
 
 # ---------------------------------------------------------------- data: split, noise, device
@@ -56,20 +55,7 @@ class TrainData:
 
 
 def load_dataset(cfg: Config) -> ImageData:
-    check_choice("dataset", cfg.dataset, DATASETS)
-    return DATASETS[cfg.dataset](cfg)
-
-
-def make_noise(cfg: Config, data: ImageData, labels: np.ndarray, rng: np.random.Generator) -> _noise.NoisyLabels:
-    check_choice("noise model", cfg.noise, NOISE_MODELS)
-    k = data.num_classes
-    if cfg.noise == "none" or cfg.noise_rate == 0:
-        return _noise.NoisyLabels(labels.copy(), np.eye(k), 0.0)
-    if cfg.noise == "sym":
-        return _noise.symmetric(labels, cfg.noise_rate, k, rng)
-    if data.name not in ASYM_MAPS:
-        raise L2BError(f"no asymmetric class map is defined for {data.name!r}")
-    return _noise.class_map_noise(labels, cfg.noise_rate, k, rng, ASYM_MAPS[data.name])
+    return _datasets.load_dataset(cfg)
 
 
 def prepare_data(cfg: Config, data: ImageData, device: torch.device, trains_on_clean: bool) -> TrainData:
@@ -87,11 +73,7 @@ def prepare_data(cfg: Config, data: ImageData, device: torch.device, trains_on_c
             raise L2BError(f"subset={cfg.subset} exceeds the {len(pool)} training images left after the clean set")
         pool = np.sort(rng.choice(pool, size=cfg.subset, replace=False))
     y_true = data.y_train[pool]
-    if data.noisy_train is not None:
-        y_obs = data.noisy_train[pool]
-        noisy = _noise.NoisyLabels(y_obs, _noise.transition_matrix(y_true, y_obs, k), float(np.mean(y_obs != y_true)))
-    else:
-        noisy = make_noise(cfg, data, y_true, rng)
+    noisy = _noise.make_noise(cfg, data, pool, rng)
     known = data.train_labels_known
     noise_info = {
         "noise": cfg.noise if data.noisy_train is None else "given",
@@ -273,16 +255,20 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
         save_yaml(cfg, out / "config.yaml")
         (out / "noise.json").write_text(json.dumps(td.noise_info, indent=1))
         np.save(out / "noisy_labels.npy", td.y_observed.cpu().numpy())
+        for name, text in data.files.items():  # e.g. the seeded ISIC2019 split
+            (out / name).write_text(text)
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels).to(device)
+    model = create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels,
+                         pretrained=cfg.pretrained or None).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     order_gen = torch.Generator().manual_seed(cfg.seed + 1)  # epoch permutations and augmentation
     clean_source = CyclingBatches(len(td.y_clean), cfg.val_batch_size, torch.Generator().manual_seed(cfg.seed + 2))
     records = SampleRecords(len(td.y_observed), device)
     n_train = len(td.y_observed)
     batch_size = min(cfg.batch_size, n_train)
-    steps_per_epoch = n_train // batch_size  # the last partial batch is dropped (BatchNorm needs > 1)
+    # the last partial batch is dropped (BatchNorm needs > 1); or a fixed number of class-balanced batches
+    steps_per_epoch = cfg.balanced_batches or n_train // batch_size
     total_steps = steps_per_epoch * cfg.epochs
     # loop position and running totals: everything a checkpoint must hold besides the modules
     pos = {"epoch": 0, "batch": 0, "step": 0, "perm": None, "loss_sum": 0.0, "skipped": 0,
@@ -317,7 +303,8 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
             t0 = time.perf_counter()
             policy = ce if (method.warmup_with_ce and epoch < cfg.warmup_epochs) else method
             if pos["perm"] is None:
-                pos["perm"] = torch.randperm(n_train, generator=order_gen)
+                pos["perm"] = (balanced_order(td.y_observed.cpu(), steps_per_epoch, batch_size, order_gen)
+                               if cfg.balanced_batches else torch.randperm(n_train, generator=order_gen))
             perm = pos["perm"].to(device)
             bar = tqdm(range(pos["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
                        leave=False, disable=not progress)

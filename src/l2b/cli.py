@@ -18,9 +18,15 @@ from ._models import list_models
 TRAIN_HELP = {
     "method": "training method: " + ", ".join(list_methods()),
     "model": "model: " + ", ".join(list_models()),
-    "dataset": "data set (default fashion-mnist)",
     "data_dir": "folder searched first for the data set's files",
-    "noise": "synthetic noise model: sym (uniform over the other classes), asym (class-pair map), none",
+    "dataset": "fashion-mnist, cifar10, cifar100, isic2019, clothing1m, npz:PATH, folder:PATH or csv:PATH",
+    "noise": "noise model: none, sym (uniform over the other classes), uniform (over all classes, true one "
+             "included), asym (class map), pairflip (c -> c+1), instance (Xia et al. 2020), file:PATH (given labels)",
+    "noise_map": "asym: YAML/JSON class map {source: target} by index or name; a list must be a permutation",
+    "image_size": "resize images to SIZE x SIZE on loading (folders, CSV; ISIC2019/Clothing1M default 224)",
+    "split_file": "isic2019: CSV image,split (train|val|test) instead of the seeded paper split",
+    "balanced_batches": "if > 0, an epoch is this many class-balanced batches (Clothing1M: 250)",
+    "pretrained": "resnet18/resnet50: ImageNet weights from the local torch hub cache",
     "noise_rate": "fraction of training labels changed, in [0, 1)",
     "subset": "use N noisy training images (0 = all); the default keeps a run to minutes on 2 CPU cores",
     "val_size": "clean (trusted) images carved from the training set, class-balanced",
@@ -86,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--device", default="cpu")
     step.add_argument("--steps", type=int, default=20, help="timed steps per kind (median reported)")
     step.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    data_bench = bench_sub.add_parser("data", help="cost of feeding a Fashion-MNIST epoch vs a plain CE epoch")
+    data_bench.add_argument("--data-dir", default=None)
+    data_bench.add_argument("--subset", type=int, default=3000, help="images per epoch")
+    data_bench.add_argument("--batch-size", type=int, default=128)
+    data_bench.add_argument("--model", default="small-cnn", choices=list_models())
+    data_bench.add_argument("--device", default="cpu")
+    data_bench.add_argument("--repeats", type=int, default=3, help="timed epochs per kind (median reported)")
+    data_bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    data = sub.add_parser("data", help="inspect a data set")
+    data_sub = data.add_subparsers(dest="data_command", parser_class=_Parser)
+    check = data_sub.add_parser("check", help="counts per split and class, image shape, clean-set balance, "
+                                              "realised noise rate and matrix (same flags as train)")
+    check.add_argument("--config", metavar="FILE", help="YAML file with the same keys; flags override it")
+    check.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    _add_config_flags(check)
     return parser
 
 
@@ -119,9 +141,29 @@ def format_summary(s: dict) -> str:
     ])
 
 
+def _data(args) -> int:
+    if args.data_command != "check":
+        raise L2BError("choose a data command: l2b data check")
+    from ._datasets import data_check, format_data_check
+
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    values = load_yaml(args.config) if args.config else {}
+    values.update(flags)
+    result = data_check(make_config(values, source=args.config or "command line"))
+    print(json.dumps(result, indent=1) if args.json else format_data_check(result))
+    return 0
+
+
 def _bench(args) -> int:
+    if args.bench_command == "data":
+        from ._bench import bench_data, format_data_table
+
+        result = bench_data(data_dir=args.data_dir, subset=args.subset, batch_size=args.batch_size,
+                            model=args.model, device=args.device, repeats=args.repeats)
+        print(json.dumps(result, indent=1) if args.json else format_data_table(result))
+        return 0
     if args.bench_command != "step":
-        raise L2BError("choose a benchmark: l2b bench step")
+        raise L2BError("choose a benchmark: l2b bench step | l2b bench data")
     from ._bench import bench_step, format_step_table
 
     try:
@@ -145,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             return _train(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "data":
+            return _data(args)
         build_parser().print_help()
         return 2
     except L2BError as exc:
