@@ -101,8 +101,9 @@ def meta_weights(
     optimizer : torch.optim.SGD, optional
         The optimizer of the real step: the look-ahead (eq. 5-6; eta is its lr) uses its lr,
         momentum buffers, dampening, Nesterov flag and weight decay, per parameter group, as the
-        published code's differentiable optimizer copy does (the paper writes a plain gradient step). Parameters it does not hold stay fixed in
-        the look-ahead. ``None`` means a plain gradient step with lr = 1 from theta.
+        published code's differentiable optimizer copy does (the paper writes a plain gradient step).
+        Parameters it does not hold stay fixed in the look-ahead. ``None`` means a plain gradient
+        step with lr = 1 from theta.
     mode : {"l2b", "beta0", "alpha0", "convex"}, default="l2b"
         The rows of the paper's Table 7. "l2b": alpha, beta >= 0 normalised together over all 2n;
         "beta0": beta = 0 (this is L2RW, Ren et al. 2018); "alpha0": alpha = 0 (pseudo-labels only);
