@@ -59,9 +59,9 @@ def test_convex_l2b_loss_is_the_bootstrapping_loss_in_value_and_gradient():
     # Appendix B.1: with alpha_i + beta_i = 1, sum_i alpha_i CE(z_i, y_i) + beta_i CE(z_i, p_i) is the
     # bootstrapping loss CE(z_i, alpha_i onehot(y_i) + beta_i onehot(p_i)) of Reed et al. (hard form).
     # Checked on the `l2b-convex` method's own loss, as the trainer backpropagates it.
-    model = create_model("small-cnn", num_classes=4, in_channels=2, width=4).to(DTYPE)
     torch.manual_seed(0)
-    x, y = torch.randn(12, 2, 8, 8, dtype=DTYPE), torch.randint(0, 4, (12,))
+    model = create_model("small-cnn", num_classes=4, in_channels=2, width=4).to(DTYPE)
+    x, y = torch.randn(32, 2, 8, 8, dtype=DTYPE), torch.randint(0, 4, (32,))
     xv, yv = torch.randn(10, 2, 8, 8, dtype=DTYPE), torch.randint(0, 4, (10,))
     opt = _warm_optimizer(model, x, y, lr=0.1, momentum=0.9, weight_decay=5e-4)
     result = create_method("l2b-convex").step(model, x, y, _ctx(opt, xv, yv))
