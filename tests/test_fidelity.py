@@ -16,6 +16,7 @@ from torch.func import functional_call
 
 from l2b import create_model, meta_weights
 from l2b._methods import StepContext, create_method
+from test_meta import _optimizer as _warm_optimizer  # SGD after two real steps: momentum buffers exist
 
 DTYPE = torch.float64
 
@@ -33,16 +34,6 @@ def _batches(seed, n=16, m=24, d=6, k=4):
     xv = torch.randn(m, d, generator=g, dtype=DTYPE)
     yv = torch.randint(0, k, (m,), generator=g)
     return x, y, xv, yv
-
-
-def _warm_optimizer(model, x, y, **kw):
-    """SGD after two real steps, so momentum buffers exist and differ from the gradient."""
-    opt = torch.optim.SGD(model.parameters(), **kw)
-    for _ in range(2):
-        opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        opt.step()
-    return opt
 
 
 def _ctx(opt, xv, yv, k=4):
@@ -63,7 +54,7 @@ def test_convex_l2b_loss_is_the_bootstrapping_loss_in_value_and_gradient():
     model = create_model("small-cnn", num_classes=4, in_channels=2, width=4).to(DTYPE)
     x, y = torch.randn(32, 2, 8, 8, dtype=DTYPE), torch.randint(0, 4, (32,))
     xv, yv = torch.randn(10, 2, 8, 8, dtype=DTYPE), torch.randint(0, 4, (10,))
-    opt = _warm_optimizer(model, x, y, lr=0.1, momentum=0.9, weight_decay=5e-4)
+    opt = _warm_optimizer(model, "momentum_wd", x, y)
     result = create_method("l2b-convex").step(model, x, y, _ctx(opt, xv, yv))
     alpha, beta, pseudo, logits = result.alpha, result.beta, result.pseudo, result.logits
     assert torch.allclose(alpha + beta, torch.ones_like(alpha))
@@ -106,11 +97,11 @@ def test_raw_weights_are_lr_times_inner_products_with_per_sample_gradients(opt_k
     # this adds beta, pseudo-labels and the momentum / weight-decay / Nesterov look-ahead point.
     model = _mlp(seed=3)
     x, y, xv, yv = _batches(seed=3)
-    kw = {"plain": dict(lr=0.3), "momentum_wd": dict(lr=0.1, momentum=0.9, weight_decay=5e-3),
-          "nesterov": dict(lr=0.05, momentum=0.9, weight_decay=1e-3, nesterov=True),
-          "first_momentum_step": dict(lr=0.1, momentum=0.9, weight_decay=5e-2)}[opt_kind]
     first = opt_kind == "first_momentum_step"
-    opt = torch.optim.SGD(model.parameters(), **kw) if first else _warm_optimizer(model, x, y, **kw)
+    if first:  # no momentum buffer yet: torch's SGD sets buf = d on this step
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-2)
+    else:
+        opt = _warm_optimizer(model, opt_kind, x, y)
     w = meta_weights(model, x, y, xv, yv, optimizer=opt)
 
     names = [n for n, _ in model.named_parameters()]
@@ -196,12 +187,11 @@ def test_l2rw_step_equals_l2b_with_beta_forced_to_zero():
     base = create_model("small-cnn", num_classes=4, in_channels=2, width=4).to(DTYPE)
     x, y = torch.randn(32, 2, 8, 8, dtype=DTYPE), torch.randint(0, 4, (32,))
     xv, yv = torch.randn(10, 2, 8, 8, dtype=DTYPE), torch.randint(0, 4, (10,))
-    kw = dict(lr=0.1, momentum=0.9, weight_decay=5e-3)
 
     def run(step_loss):
         """The parameters after one real step, minus those before (the step itself)."""
         model = copy.deepcopy(base)
-        opt = _warm_optimizer(model, x, y, **kw)
+        opt = _warm_optimizer(model, "momentum_wd", x, y)
         before = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         loss = step_loss(model, opt)
         opt.zero_grad()
