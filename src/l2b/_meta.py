@@ -1,5 +1,8 @@
 """The L2B meta-weights (Zhou et al., CVPR 2022, eq. 5-9, 13, 14), computed exactly and first-order.
 
+docs/METHOD.md maps every equation of the method to the lines below and lists where the code follows
+the published implementation rather than the paper's text.
+
 Notation (paper -> code): theta -> the model's parameters; eta -> the optimizer's lr; f_i = CE(z_i, y_i)
 and g_i = CE(z_i, p_i) with p_i = argmax z_i; G -> mean clean-batch cross-entropy; alpha_i, beta_i ->
 ``MetaWeights.alpha``, ``MetaWeights.beta``.
@@ -96,13 +99,16 @@ def meta_weights(
     y_val : Tensor, shape (m,), int64
         Their labels.
     optimizer : torch.optim.SGD, optional
-        The optimizer of the real step: the look-ahead uses its lr, momentum buffers, dampening,
-        Nesterov flag and weight decay, per parameter group. Parameters it does not hold stay fixed in
-        the look-ahead. ``None`` means a plain gradient step with lr = 1 from theta.
+        The optimizer of the real step: the look-ahead (eq. 5-6; eta is its lr) uses its lr,
+        momentum buffers, dampening, Nesterov flag and weight decay, per parameter group, as the
+        published code's differentiable optimizer copy does (the paper writes a plain gradient step).
+        Parameters it does not hold stay fixed in the look-ahead. ``None`` means a plain gradient
+        step with lr = 1 from theta.
     mode : {"l2b", "beta0", "alpha0", "convex"}, default="l2b"
-        "l2b": alpha, beta >= 0 normalised together over all 2n; "beta0": beta = 0 (this is L2RW,
-        Ren et al. 2018); "alpha0": alpha = 0 (pseudo-labels only); "convex": alpha_i + beta_i = 1
-        for each sample (the paper's Table 7 ablation; a sample with no evidence gets 0.5 and 0.5).
+        The rows of the paper's Table 7. "l2b": alpha, beta >= 0 normalised together over all 2n;
+        "beta0": beta = 0 (this is L2RW, Ren et al. 2018); "alpha0": alpha = 0 (pseudo-labels only);
+        "convex": alpha_i + beta_i = 1 for each sample (Appendix B.1: then the loss is Reed et al.'s
+        bootstrapping loss with a learned per-sample mix; a sample with no evidence gets 0.5 and 0.5).
     normalize : {"sum", "softmax", "sigmoid"}, default="sum"
         "sum": clamp at 0 and divide by the sum (eq. 8-9; all zero stays all zero, never NaN);
         "softmax": softmax of raw / temperature (eq. 14); "sigmoid": sigmoid(raw) divided by its sum
@@ -282,8 +288,10 @@ def normalize_weights(
 ) -> tuple[Tensor, Tensor]:
     """Turn raw weights (n,), (n,) into (alpha, beta) under a mode and a normalisation.
 
-    "l2b" normalises all 2n together; "beta0"/"alpha0" normalise one term over n and zero the other;
-    "convex" normalises each sample's pair, so alpha_i + beta_i = 1.
+    "l2b" normalises all 2n together (as the published code does); "beta0"/"alpha0" normalise one
+    term over n and zero the other; "convex" normalises each sample's pair, so alpha_i + beta_i = 1
+    (Table 7). ``normalize``: "sum" = clamp at 0 then divide by the sum (eq. 8-9), "sigmoid" (eq. 13),
+    "softmax" with ``temperature`` (eq. 14).
     """
     if mode == "l2b":
         w = _normalize(torch.cat([raw_alpha, raw_beta]), 0, normalize, temperature, fill=0.0)

@@ -119,7 +119,9 @@ class MetaReweight:
 
     alpha, beta = meta_weights(...)  (eq. 5-9); loss = sum_i alpha_i f_i + beta_i g_i  (eq. 10),
     on the same batch; the real forward is the only one that moves BatchNorm running statistics.
-    Under ``mode="convex"`` each sample's pair sums to one, so the batch loss is their mean.
+    Under ``mode="convex"`` each sample's pair sums to one, so the batch loss is their mean: the
+    bootstrapping loss with a learned per-sample mix (Appendix B.1). ``l2rw`` is mode "beta0".
+    The trainer supplies the rest of Algorithm 1: warm-up with cross-entropy, clipping, the update.
     """
 
     name: str

@@ -16,7 +16,8 @@ from ._models import list_models
 
 # help for `l2b train` flags; the flags themselves come from Config's fields
 TRAIN_HELP = {
-    "method": "training method: " + ", ".join(list_methods()),
+    "method": "training method (l2b: Algorithm 1; l2rw, l2b-alpha0, l2b-convex: the beta=0, alpha=0 "
+              "and alpha+beta=1 rows of Table 7): " + ", ".join(list_methods()),
     "model": "model: " + ", ".join(list_models()),
     "data_dir": "folder searched first for the data set's files",
     "dataset": "fashion-mnist, cifar10, cifar100, isic2019, clothing1m, npz:PATH, folder:PATH or csv:PATH",
@@ -29,17 +30,19 @@ TRAIN_HELP = {
     "pretrained": "resnet18/resnet50: ImageNet weights from the local torch hub cache",
     "noise_rate": "fraction of training labels changed, in [0, 1)",
     "subset": "use N noisy training images (0 = all); the default keeps a run to minutes on 2 CPU cores",
-    "val_size": "clean (trusted) images carved from the training set, class-balanced",
+    "val_size": "clean (trusted) images carved from the training set, class-balanced (the clean set of the meta objective)",
     "augment": "random crop + horizontal flip on the device",
     "epochs": "training epochs",
-    "warmup_epochs": "epochs of plain cross-entropy before a meta method starts",
-    "batch_size": "noisy images per step (n)",
-    "val_batch_size": "clean images per meta step (m)",
-    "lr": "initial learning rate eta (eq. 6), cosine-decayed to 0",
-    "momentum": "SGD momentum (the look-ahead of eq. 6 uses it too)",
-    "weight_decay": "SGD weight decay (the look-ahead of eq. 6 uses it too)",
-    "grad_clip": "max gradient norm of the real step; 0 disables",
-    "normalize": "meta-weight normalisation: sum (eq. 8-9), softmax (eq. 14), sigmoid (eq. 13)",
+    "warmup_epochs": "epochs of plain cross-entropy before a meta method starts (Algorithm 1's warm-up)",
+    "batch_size": "noisy images per step (n: the sums over i in eq. 5-10)",
+    "val_batch_size": "clean images per meta step (m: the clean loss G of the meta objective is their mean)",
+    "lr": "initial learning rate eta of the look-ahead (eq. 5-6) and the real step (eq. 10), cosine-decayed "
+          "to 0; it scales the raw weights, so it matters under softmax/sigmoid (eq. 13-14), not under sum",
+    "momentum": "SGD momentum; the look-ahead (eq. 5-6) uses it too, as the published code does",
+    "weight_decay": "SGD weight decay; the look-ahead (eq. 5-6) uses it too, as the published code does",
+    "grad_clip": "max gradient norm of the real step (eq. 10), not of the look-ahead; 0 disables",
+    "normalize": "meta-weight normalisation (l2b: all 2n weights together): sum (clamp at 0, eq. 8-9), softmax (eq. 14), "
+                 "sigmoid (eq. 13)",
     "temperature": "softmax temperature T of eq. 14",
     "eval_batch_size": "batch size of the per-epoch evaluation",
     "checkpoint_every": "epochs between checkpoints (checkpoint.pt, used by --resume)",
