@@ -18,6 +18,15 @@ from l2b._methods import PrepareContext, StepContext, create_method
 from l2b._train import fit_ce
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # these problems are tiny: thread start-up and contention would dominate their run time
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _problem(seed=0, n=12, m=10, k=4):
     torch.manual_seed(seed)
     model = create_model("small-cnn", num_classes=k, in_channels=2, width=4).double()
