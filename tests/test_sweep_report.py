@@ -34,7 +34,7 @@ def small_test_set():
 
 
 @pytest.fixture
-def tiny_fmnist(small_test_set, monkeypatch):
+def fmnist_cut_test(small_test_set, monkeypatch):
     monkeypatch.setitem(_train.DATASETS, "fashion-mnist", lambda cfg: small_test_set)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -43,7 +43,7 @@ def tiny_fmnist(small_test_set, monkeypatch):
 
 
 @pytest.mark.parametrize("method", list_methods())
-def test_every_method_trains_from_the_cli(method, tiny_fmnist, tmp_path, capsys):
+def test_every_method_trains_from_the_cli(method, fmnist_cut_test, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--method", method, "--warmup-epochs", "0", "--out", str(out), *TINY]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -55,7 +55,7 @@ def _summaries(root):
     return {p.parent.name: json.loads(p.read_text()) for p in Path(root).rglob("summary.json")}
 
 
-def test_sweep_is_resumable_and_report_matches_the_summaries(tiny_fmnist, tmp_path, capsys, monkeypatch):
+def test_sweep_is_resumable_and_report_matches_the_summaries(fmnist_cut_test, tmp_path, capsys, monkeypatch):
     sweep = ["sweep", "--methods", "ce,l2b", "--noise-rates", "0.4", "--seeds", "1,2", "--epochs", "2",
              "--warmup-epochs", "1", *SMALL]
     assert main([*sweep, "--out", str(tmp_path / "a")]) == 0
