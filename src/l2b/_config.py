@@ -42,6 +42,13 @@ class Config:
     # meta-weights (paper eq. 9 / 13 / 14)
     normalize: str = "sum"  # sum (eq. 9) | softmax (eq. 14) | sigmoid (eq. 13)
     temperature: float = 10.0  # softmax temperature T (eq. 14)
+    # baselines (l2b._baselines); each key is read only by the methods named in its comment
+    bootstrap_beta: float | None = None  # weight of the observed label (Reed et al. 2014); None: 0.95 soft, 0.8 hard
+    distill_lambda: float = 0.5  # weight of the teacher's prediction in the target (Li et al. 2017's 1 - lambda)
+    stage1_epochs: int = 10  # epochs of a preliminary stage: distill's teacher, glc's stage 1
+    mixup_alpha: float = 1.0  # Beta(a, a) of the mixing coefficient (Zhang et al. 2018); 0 = no mixing
+    meta_lr: float = 1e-3  # Adam lr of the meta networks of mwnet and mlc (Shu et al. 2019)
+    meta_hidden: int = 100  # hidden units of the meta networks of mwnet (1-100-1) and mlc
     # run
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # epochs between checkpoints (checkpoint.pt; the last epoch always)
@@ -73,6 +80,12 @@ _RANGES = {  # key: (lower bound, inclusive?, upper bound, inclusive?)
     "keep_checkpoints": (1, True, None, None),
     "image_size": (1, True, None, None),
     "balanced_batches": (0, True, None, None),
+    "bootstrap_beta": (0.0, True, 1.0, True),
+    "distill_lambda": (0.0, True, 1.0, True),
+    "stage1_epochs": (1, True, None, None),
+    "mixup_alpha": (0.0, True, None, None),
+    "meta_lr": (0.0, False, None, None),
+    "meta_hidden": (1, True, None, None),
 }
 
 

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from ._errors import check_choice
 from ._meta import weighted_forward
 
-__all__ = ["Method", "StepContext", "StepResult", "register_method", "create_method", "list_methods"]
+__all__ = ["Method", "PrepareContext", "StepContext", "StepResult", "register_method", "create_method",
+           "list_methods"]
 
 
 @dataclass
@@ -32,6 +33,25 @@ class StepContext:
     next_clean: Callable[[], tuple[Tensor, Tensor]]
     epoch: int
     num_classes: int
+
+
+@dataclass
+class PrepareContext:
+    """What a method's optional ``prepare(ctx)`` hook gets, once, before the first epoch.
+
+    ``new_model()`` builds a fresh model of the run's architecture on the device; ``fit(model, images,
+    labels, epochs)`` trains it with plain cross-entropy (the run's SGD settings, a cosine schedule over
+    ``epochs``); ``data`` is the run's ``l2b._train.TrainData``. ``state`` is None on a fresh run and,
+    on resume, what the method's ``state_dict()`` returned at the last checkpoint: restore it instead
+    of training a stage again.
+    """
+
+    cfg: object
+    data: object
+    device: torch.device
+    new_model: Callable[[], nn.Module]
+    fit: Callable[..., None]
+    state: dict | None = None
 
 
 @dataclass
@@ -65,6 +85,9 @@ class Method(Protocol):
     warmup_with_ce: bool
 
     def step(self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext) -> StepResult: ...
+
+    # Optional, found with getattr: ``prepare(ctx: PrepareContext) -> None`` runs once before the loop
+    # (a teacher, GLC's stage 1, building a meta network); ``state_dict() -> dict`` is checkpointed.
 
 
 _METHODS: dict[str, Callable[..., Method]] = {}
@@ -155,3 +178,5 @@ def _meta_factory(name: str, mode: str):
 
 for _name, _mode in (("l2b", "l2b"), ("l2rw", "beta0"), ("l2b-alpha0", "alpha0"), ("l2b-convex", "convex")):
     register_method(_name)(_meta_factory(_name, _mode))
+
+from . import _baselines  # noqa: E402,F401  (registers the baselines of the paper's tables)

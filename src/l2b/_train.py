@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -27,7 +28,7 @@ from ._checkpoint import atomic_save, rng_state, safe_load, set_rng_state
 from ._config import Config, make_config, save_yaml
 from ._data import DeviceImages, ImageData, balanced_clean_split, balanced_order, channel_stats
 from ._errors import Interrupted, L2BError
-from ._methods import CrossEntropy, StepContext, create_method
+from ._methods import CrossEntropy, PrepareContext, StepContext, create_method
 from ._models import create_model
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,29 @@ def new_run_dir(cfg: Config) -> Path:
     return out
 
 
+def fit_ce(model: nn.Module, images: DeviceImages, labels: Tensor, *, cfg: Config, epochs: int) -> None:
+    """Plain cross-entropy training of an auxiliary model (a method's preliminary stage, e.g. a teacher):
+    the run's SGD settings, batch size, clipping and augmentation, cosine decay over ``epochs``."""
+    gen = torch.Generator().manual_seed(cfg.seed + 5)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    n = len(labels)
+    batch_size = min(cfg.batch_size, n)
+    per_epoch = n // batch_size
+    model.train()
+    for step in range(epochs * per_epoch):
+        if step % per_epoch == 0:
+            perm = torch.randperm(n, generator=gen).to(labels.device)
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, epochs * per_epoch, cfg.lr)
+        idx = perm[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]
+        loss = F.cross_entropy(model(images.batch(idx, augment=cfg.augment, generator=gen)), labels[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+
+
 # ---------------------------------------------------------------- the loop
 
 class _StopSignals:
@@ -245,7 +269,7 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
         out = Path(resume)
         state = safe_load(out / "checkpoint.pt")
         cfg = make_config(state["config"], source=str(out / "checkpoint.pt"))
-    method = create_method(cfg.method, normalize=cfg.normalize, temperature=cfg.temperature)
+    method = create_method(cfg.method, **cfg.to_dict())  # each method takes the keys it reads
     device = resolve_device(cfg.device)
     if resume is None:
         out = new_run_dir(cfg)  # before any data is read: a bad --out fails fast
@@ -274,6 +298,12 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     pos = {"epoch": 0, "batch": 0, "step": 0, "perm": None, "loss_sum": 0.0, "skipped": 0,
            "weight_stats": torch.zeros(3, 2, dtype=torch.float64), "epoch_seconds": 0.0,
            "train_seconds": 0.0, "metrics": [], "best_val": -1.0}
+    if hasattr(method, "prepare"):  # a method's own stage (teacher, GLC stage 1) or meta network
+        t0 = time.perf_counter()
+        new_model = lambda: create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels).to(device)  # noqa: E731
+        fit = lambda m, images, labels, epochs: fit_ce(m, images, labels, cfg=cfg, epochs=epochs)  # noqa: E731
+        method.prepare(PrepareContext(cfg, td, device, new_model, fit, state.get("method") if state else None))
+        log.info("%s: preparation took %.1fs", cfg.method, time.perf_counter() - t0)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -289,6 +319,7 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
             "config": cfg.to_dict(), "position": pos, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "order_gen": order_gen.get_state(),
             "clean_source": clean_source.state_dict(), "records": records.state_dict(), "rng": rng_state(),
+            "method": method.state_dict() if hasattr(method, "state_dict") else None,
         }, path)
 
     def next_clean():

@@ -8,6 +8,7 @@ import json
 import logging
 import sys
 import typing
+from pathlib import Path
 
 from ._config import Config, load_yaml, make_config
 from ._errors import Interrupted, L2BError
@@ -44,6 +45,12 @@ TRAIN_HELP = {
     "normalize": "meta-weight normalisation (l2b: all 2n weights together): sum (clamp at 0, eq. 8-9), softmax (eq. 14), "
                  "sigmoid (eq. 13)",
     "temperature": "softmax temperature T of eq. 14",
+    "bootstrap_beta": "bootstrap-soft/-hard: weight of the observed label (default 0.95 soft, 0.8 hard)",
+    "distill_lambda": "distill: weight of the teacher's prediction in the target; 0 = plain CE",
+    "stage1_epochs": "distill: teacher epochs on the clean set; glc: stage-1 epochs on the noisy set",
+    "mixup_alpha": "mixup: Beta(a, a) of the mixing coefficient; 0 = no mixing (plain CE)",
+    "meta_lr": "mwnet, mlc: Adam learning rate of the meta network",
+    "meta_hidden": "mwnet, mlc: hidden units of the meta network",
     "eval_batch_size": "batch size of the per-epoch evaluation",
     "checkpoint_every": "epochs between checkpoints (checkpoint.pt, used by --resume)",
     "keep_checkpoints": "keep this many epoch checkpoints (1: only the latest)",
@@ -59,9 +66,11 @@ class _Parser(argparse.ArgumentParser):
         raise L2BError(f"{message} (see `{self.prog} --help`)")
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
     hints = typing.get_type_hints(Config)
     for f in dataclasses.fields(Config):
+        if f.name in skip:
+            continue
         flag = "--" + f.name.replace("_", "-")
         hint = hints[f.name]
         base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
@@ -84,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_config_flags(train)
+
+    sweep = sub.add_parser("sweep", help="a grid of runs (method x noise rate x seed), one run folder each, resumable")
+    sweep.add_argument("--config", metavar="FILE", help="YAML file of the shared settings; flags override it")
+    sweep.add_argument("--methods", help="comma-separated methods (default: the config's method)")
+    sweep.add_argument("--noise-rates", help="comma-separated noise rates, e.g. 0.2,0.4 (default: the config's)")
+    sweep.add_argument("--seeds", help="comma-separated seeds, e.g. 1,2,3 (default: the config's seed)")
+    sweep.add_argument("--out", metavar="DIR", help="folder of the run folders (default sweeps/<config name>)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    _add_config_flags(sweep, skip=_SWEPT)
+
+    report = sub.add_parser("report", help="tables (Markdown, CSV) and plots from run folders")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders containing them")
+    report.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report for one RUN_DIR, else report)")
+    report.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
@@ -128,6 +151,56 @@ def _train(args) -> int:
         cfg = make_config(values, source=args.config or "command line")
         summary = train(cfg, progress=not args.quiet)
     print(format_summary(summary))
+    return 0
+
+
+_SWEPT = ("method", "noise_rate", "seed", "out")
+
+
+def _split(text: str | None, kind, flag: str) -> list | None:
+    if text is None:
+        return None
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise L2BError(f"{flag} must be comma-separated {kind.__name__}s, got {text!r}") from None
+    if not values:
+        raise L2BError(f"{flag} is empty")
+    return values
+
+
+def _sweep(args) -> int:
+    from ._sweep import plan_sweep, run_sweep
+
+    values = load_yaml(args.config) if args.config else {}
+    values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                   if f.name not in _SWEPT and getattr(args, f.name, None) is not None})
+    base = make_config({k: v for k, v in values.items() if k != "out"}, source=args.config or "command line")
+    out = Path(args.out or Path("sweeps") / (Path(args.config).stem if args.config else "default"))
+    cells = plan_sweep({k: v for k, v in values.items() if k != "out"},
+                       methods=_split(args.methods, str, "--methods") or [base.method],
+                       noise_rates=_split(args.noise_rates, float, "--noise-rates") or [base.noise_rate],
+                       seeds=_split(args.seeds, int, "--seeds") or [base.seed], out=out)
+    print(f"l2b sweep: {len(cells)} runs in {out}")
+    run_sweep(cells, progress=not args.quiet)
+    width = max(len(c.name) for c in cells)
+    for c in cells:
+        print(f"  {c.name:<{width}}  {c.status:<8} {c.detail}")
+    bad = [c for c in cells if c.status in ("failed", "stale")]
+    print(f"{len(cells) - len(bad)} of {len(cells)} runs finished; tables and plots: l2b report {out}")
+    return 1 if bad else 0
+
+
+def _report(args) -> int:
+    from ._report import write_report
+
+    out = args.out or (str(Path(args.runs[0]) / "report") if len(args.runs) == 1 else "report")
+    result = write_report(args.runs, out, plots=not args.no_plots)
+    print(f"l2b report: {result['runs']} runs, {len(result['rows'])} table rows")
+    for f in result["files"]:
+        print(f"  wrote {f}")
+    for name, why in result["skipped_plots"].items():
+        print(f"  no {name}: {why}")
     return 0
 
 
@@ -188,6 +261,10 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "train":
             return _train(args)
+        if args.command == "sweep":
+            return _sweep(args)
+        if args.command == "report":
+            return _report(args)
         if args.command == "bench":
             return _bench(args)
         if args.command == "data":
