@@ -106,3 +106,24 @@ def test_single_process_helpers_are_identity():
 
 def test_strip_nproc():
     assert strip_nproc(["train", "--nproc", "2", "--epochs", "1", "--nproc=3"]) == ["train", "--epochs", "1"]
+
+
+def test_cli_nproc_2_writes_one_run_folder(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from l2b._data import DEBIAN_FASHION_MNIST, fashion_mnist_dirs
+
+    if not any((d / "train-images-idx3-ubyte.gz").is_file() for d in fashion_mnist_dirs(None)):
+        pytest.skip(f"Fashion-MNIST is not installed ({DEBIAN_FASHION_MNIST})")
+    src = str(Path(l2b.__file__).parents[1])
+    monkeypatch.setenv("PYTHONPATH", src + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    monkeypatch.chdir(tmp_path)
+    from l2b.cli import main
+
+    code = main(["train", "--subset", "200", "--val-size", "50", "--epochs", "1", "--warmup-epochs", "0",
+                 "--batch-size", "50", "--val-batch-size", "50", "--quiet", "--nproc", "2", "--device", "cpu"])
+    assert code == 0
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1, runs  # rank 1 wrote nothing
+    assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"} <= {p.name for p in runs[0].iterdir()}
+    assert len((runs[0] / "metrics.jsonl").read_text().splitlines()) == 1  # one writer, one line per epoch

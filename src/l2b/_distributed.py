@@ -104,11 +104,15 @@ def all_reduce_scalar(t: Tensor, op: str) -> Tensor:
 def all_reduce_sum_(t: Tensor) -> Tensor:
     """In-place sum over ranks (statistics such as weight sums per clean/flipped group)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
+        on_gpu = dist.get_backend() == "nccl" and t.device.type != "cuda"  # nccl reduces CUDA tensors only
+        buf = t.to(torch.device("cuda", torch.cuda.current_device())) if on_gpu else t
+        dist.all_reduce(buf)
+        if on_gpu:
+            t.copy_(buf)
     return t
 
 
-def wrap(model: nn.Module, info: DistInfo, device: torch.device, *, sync_bn: bool) -> nn.Module:
+def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
     """DistributedDataParallel around ``model`` (identity in a single process)."""
     if not info.enabled:
         return model

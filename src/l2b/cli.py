@@ -41,6 +41,12 @@ TRAIN_HELP = {
     "on_nan": "on a NaN/inf loss: stop (save the last good state, exit 2) or skip the step and count it",
     "seed": "seed of the split, the noise, the initialisation and the data order",
     "device": "auto, cpu, cuda or cuda:N",
+    "meta_grad": "meta-gradient: exact (forward-mode JVP) or fd (finite difference: faster, approximate)",
+    "amp": "mixed precision: off, bf16 or fp16 (autocast; fp16 adds a GradScaler)",
+    "channels_last": "channels-last (NHWC) memory layout for conv nets",
+    "compile": "torch.compile the real forward (the meta passes stay eager)",
+    "nproc": "data-parallel processes (DDP; gloo on CPU, nccl on GPUs); same as torchrun --nproc_per_node",
+    "sync_bn": "convert BatchNorm to SyncBatchNorm under DDP (real forward; meta passes use per-rank statistics)",
     "out": "run folder (must not exist); default runs/<time>-<method>",
 }
 
@@ -89,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args) -> int:
+def _train(args, argv: list[str]) -> int:
+    from ._distributed import launch, launched, strip_nproc, teardown
     from ._train import train
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
@@ -101,8 +108,14 @@ def _train(args) -> int:
         values = load_yaml(args.config) if args.config else {}
         values.update(flags)
         cfg = make_config(values, source=args.config or "command line")
-        summary = train(cfg, progress=not args.quiet)
-    print(format_summary(summary))
+        if cfg.nproc > 1 and not launched():
+            return launch(cfg.nproc, strip_nproc(argv))  # K copies of this command, under torchrun
+        try:
+            summary = train(cfg, progress=not args.quiet)
+        finally:
+            teardown()
+    if summary is not None:  # None on ranks other than 0
+        print(format_summary(summary))
     return 0
 
 
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "train":
-            return _train(args)
+            return _train(args, argv)
         if args.command == "bench":
             return _bench(args)
         build_parser().print_help()
@@ -150,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     except L2BError as exc:
         if debug:
             raise
-        print(f"l2b: error: {exc}", file=sys.stderr)
+        from ._distributed import rank_prefix
+
+        print(f"l2b: error: {rank_prefix()}{exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"l2b: {exc}", file=sys.stderr)
