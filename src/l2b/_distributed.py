@@ -36,14 +36,11 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    enabled: bool = False  # launched by torchrun: a process group and DDP, even with one rank
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
 
 
 def launched() -> bool:
@@ -58,14 +55,14 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
     """
     if not launched():
         return DistInfo(), device
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)), True)
     if device.type == "cuda":
         if torch.cuda.device_count() <= info.local_rank:
             raise L2BError(f"rank {info.rank} wants cuda:{info.local_rank} but {torch.cuda.device_count()} "
                            "GPUs are visible; lower --nproc / --nproc_per_node")
         device = torch.device("cuda", info.local_rank)
         torch.cuda.set_device(device)
-    if info.world_size > 1 and not dist.is_initialized():
+    if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=10))
     return info, device

@@ -84,14 +84,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
-    step = bench_sub.add_parser("step", help="step time of plain CE, exact L2B and the double-backward reference")
-    step.add_argument("--model", default="small-cnn", choices=list_models())
-    step.add_argument("--batch-size", type=int, default=128)
-    step.add_argument("--val-batch-size", type=int, default=100)
-    step.add_argument("--image-shape", default="3,32,32", help="C,H,W of the random inputs")
-    step.add_argument("--device", default="cpu")
-    step.add_argument("--steps", type=int, default=20, help="timed steps per kind (median reported)")
-    step.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for name, text in (("step", "step-time ratios: plain CE, L2B exact, L2B fd, double-backward reference"),
+                       ("epoch", "images/second of a whole epoch per method on random data, and the data cost"),
+                       ("weights", "agreement of bf16/fp16 and fd meta-weights with exact float32 ones")):
+        b = bench_sub.add_parser(name, help=text)
+        b.add_argument("--model", default="small-cnn", choices=list_models())
+        b.add_argument("--batch-size", type=int, default=128)
+        b.add_argument("--val-batch-size", type=int, default=100)
+        b.add_argument("--image-shape", default="3,32,32", help="C,H,W of the random inputs")
+        b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        b.add_argument("--amp", default="off" if name != "weights" else "bf16", choices=["off", "bf16", "fp16"])
+        b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name != "weights":
+            b.add_argument("--channels-last", action="store_true", help="NHWC layout for model and inputs")
+    bench_sub.choices["step"].add_argument("--steps", type=int, default=20, help="timed steps per kind (median)")
+    bench_sub.choices["step"].add_argument("--no-reference", action="store_true", help="skip the slow double backward")
+    bench_sub.choices["epoch"].add_argument("--num-images", type=int, default=10000, help="images per epoch")
+    bench_sub.choices["epoch"].add_argument("--methods", default="ce,l2b_exact,l2b_fd", help="comma-separated")
     return parser
 
 
@@ -133,18 +142,29 @@ def format_summary(s: dict) -> str:
 
 
 def _bench(args) -> int:
-    if args.bench_command != "step":
-        raise L2BError("choose a benchmark: l2b bench step")
-    from ._bench import bench_step, format_step_table
+    if args.bench_command not in ("step", "epoch", "weights"):
+        raise L2BError("choose a benchmark: l2b bench step | epoch | weights")
+    from . import _bench as bench
 
     try:
         shape = tuple(int(v) for v in args.image_shape.split(","))
         assert len(shape) == 3
     except (ValueError, AssertionError):
         raise L2BError(f"--image-shape must be C,H,W, got {args.image_shape!r}") from None
-    result = bench_step(model=args.model, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
-                        image_shape=shape, device=args.device, steps=args.steps)
-    print(json.dumps(result, indent=1) if args.json else format_step_table(result))
+    common = dict(model=args.model, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
+                  image_shape=shape, device=args.device, amp=args.amp)
+    if args.bench_command == "step":
+        result = bench.bench_step(**common, steps=args.steps, channels_last=args.channels_last,
+                                  reference=not args.no_reference)
+        table = bench.format_step_table
+    elif args.bench_command == "epoch":
+        result = bench.bench_epoch(**common, num_images=args.num_images, channels_last=args.channels_last,
+                                   methods=tuple(m for m in args.methods.split(",") if m))
+        table = bench.format_epoch_table
+    else:
+        result = bench.bench_weights(**common)
+        table = bench.format_weights_table
+    print(json.dumps(result, indent=1) if args.json else table(result))
     return 0
 
 
