@@ -128,13 +128,14 @@ def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_siz
     }
 
 
+def _header(result: dict, extra: str) -> str:
+    return (f"device {result['device']} ({result['threads']} threads), model {result['model']}, "
+            f"n={result['batch_size']}, m={result['val_batch_size']}, input {tuple(result['image_shape'])}, "
+            f"amp {result['amp']}, channels-last {result['channels_last']}, {extra}")
+
+
 def format_step_table(result: dict) -> str:
-    lines = [
-        f"device {result['device']} ({result['threads']} threads), model {result['model']}, "
-        f"n={result['batch_size']}, m={result['val_batch_size']}, input {tuple(result['image_shape'])}, "
-        f"median of {result['steps']} steps",
-        f"{'step':<28}{'ms':>10}{'x CE':>8}",
-    ]
+    lines = [_header(result, f"median of {result['steps']} steps"), f"{'step':<28}{'ms':>10}{'x CE':>8}"]
     for k, v in result["seconds"].items():
         lines.append(f"{k:<28}{1000 * v:>10.2f}{result['ratio_to_ce'][k]:>8.2f}")
     if result["l2b_over_reference"] is not None:
@@ -209,12 +210,7 @@ def bench_epoch(*, model: str = "small-cnn", num_images: int = 10000, batch_size
 
 
 def format_epoch_table(result: dict) -> str:
-    lines = [
-        f"device {result['device']} ({result['threads']} threads), model {result['model']}, "
-        f"{result['num_images']} images {tuple(result['image_shape'])}, n={result['batch_size']}, "
-        f"m={result['val_batch_size']}, amp {result['amp']}, channels-last {result['channels_last']}",
-        f"{'epoch':<28}{'seconds':>10}{'images/s':>12}",
-    ]
+    lines = [_header(result, f"{result['num_images']} images"), f"{'epoch':<28}{'seconds':>10}{'images/s':>12}"]
     for k, v in result["seconds"].items():
         lines.append(f"{k:<28}{v:>10.2f}{result['images_per_second'][k]:>12.0f}")
     return "\n".join(lines)
