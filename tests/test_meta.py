@@ -181,3 +181,32 @@ def test_weighted_forward_equals_meta_weights_then_real_step():
         assert torch.allclose(p.grad, q.grad, rtol=1e-9, atol=1e-15)
     for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
         assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("opt_kind", [None, "momentum_wd"])
+def test_finite_difference_weights_approximate_exact_ones(opt_kind):
+    model, x, y, xv, yv = _problem(n=32, m=16)
+    opt = _optimizer(model, opt_kind, x, y)
+    exact = meta_weights(model, x, y, xv, yv, optimizer=opt)
+    fd = meta_weights(model, x, y, xv, yv, optimizer=opt, meta_grad="fd")
+    for a, b in ((exact.raw_alpha, fd.raw_alpha), (exact.raw_beta, fd.raw_beta)):
+        assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99
+        assert not torch.equal(a, b)  # an approximation, not the JVP under another name
+    assert torch.equal(exact.pseudo, fd.pseudo)
+
+
+def test_finite_difference_can_reuse_the_real_forward():
+    model, x, y, xv, yv = _problem(n=16)
+    with torch.no_grad():
+        logits = model(x)  # train mode: the real step's forward (it also moves running stats)
+    own = meta_weights(model, x, y, xv, yv, meta_grad="fd")
+    reused = meta_weights(model, x, y, xv, yv, meta_grad="fd", logits=logits)
+    assert torch.allclose(own.raw_alpha, reused.raw_alpha, rtol=1e-9, atol=1e-12)
+
+
+def test_exact_weights_run_under_autocast():
+    model, x, y, xv, yv = _problem(dtype=torch.float32, n=32)
+    full = meta_weights(model, x, y, xv, yv).raw_alpha
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = meta_weights(model, x, y, xv, yv).raw_alpha
+    assert torch.corrcoef(torch.stack([full, half.float()]))[0, 1] > 0.9

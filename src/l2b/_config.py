@@ -49,6 +49,13 @@ class Config:
     mixup_alpha: float = 1.0  # Beta(a, a) of the mixing coefficient (Zhang et al. 2018); 0 = no mixing
     meta_lr: float = 1e-3  # Adam lr of the meta networks of mwnet and mlc (Shu et al. 2019)
     meta_hidden: int = 100  # hidden units of the meta networks of mwnet (1-100-1) and mlc
+    # scale and speed
+    meta_grad: str = "exact"  # exact (forward-mode JVP) | fd (finite difference along v: faster, approximate)
+    amp: str = "off"  # off | bf16 | fp16 (autocast over both meta passes and the real forward; fp16 adds loss scaling)
+    channels_last: bool = False  # NHWC layout for conv nets (faster on GPU tensor cores)
+    compile: bool = False  # torch.compile the real forward; the meta passes stay eager
+    nproc: int = 1  # data-parallel processes on this machine (torchrun); batch sizes are global
+    sync_bn: bool = False  # BatchNorm statistics over the global batch in the real forward (nproc > 1)
     # run
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # epochs between checkpoints (checkpoint.pt; the last epoch always)
@@ -86,7 +93,9 @@ _RANGES = {  # key: (lower bound, inclusive?, upper bound, inclusive?)
     "mixup_alpha": (0.0, True, None, None),
     "meta_lr": (0.0, False, None, None),
     "meta_hidden": (1, True, None, None),
+    "nproc": (1, True, None, None),
 }
+CHOICES = {"meta_grad": ("exact", "fd"), "amp": ("off", "bf16", "fp16")}
 
 
 def _field_types() -> dict[str, type]:
@@ -138,6 +147,12 @@ def validate(cfg: Config) -> None:
             lo_s = ("[" if lo_inc else "(") + str(lo)
             hi_s = (str(hi) + ("]" if hi_inc else ")")) if hi is not None else "inf)"
             raise L2BError(f"{key} must be in {lo_s}, {hi_s}, got {v}")
+    for key, choices in CHOICES.items():
+        if getattr(cfg, key) not in choices:
+            raise L2BError(f"{key} must be one of {', '.join(choices)}, got {getattr(cfg, key)!r}")
+    for key in ("batch_size", "val_batch_size"):
+        if getattr(cfg, key) % cfg.nproc:
+            raise L2BError(f"{key} ({getattr(cfg, key)}) is the global batch and must be divisible by nproc ({cfg.nproc})")
     if cfg.warmup_epochs > cfg.epochs:
         raise L2BError(f"warmup_epochs ({cfg.warmup_epochs}) exceeds epochs ({cfg.epochs})")
     if cfg.on_nan not in ("stop", "skip"):

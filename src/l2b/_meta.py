@@ -26,6 +26,8 @@ tangent part of the forward.
 from __future__ import annotations
 
 import contextlib
+import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -36,10 +38,11 @@ from torch.func import functional_call
 
 from ._errors import L2BError, check_choice
 
-__all__ = ["MetaWeights", "meta_weights", "normalize_weights", "MODES", "NORMALIZATIONS"]
+__all__ = ["MetaWeights", "meta_weights", "normalize_weights", "MODES", "NORMALIZATIONS", "META_GRADS"]
 
 MODES = ("l2b", "beta0", "alpha0", "convex")
 NORMALIZATIONS = ("sum", "softmax", "sigmoid")
+META_GRADS = ("exact", "fd")  # forward-mode JVP | one-sided finite difference along v
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,9 @@ def meta_weights(
     mode: str = "l2b",
     normalize: str = "sum",
     temperature: float = 10.0,
+    meta_grad: str = "exact",
+    distributed: bool = False,
+    logits: Tensor | None = None,
 ) -> MetaWeights:
     """Compute the L2B weights alpha, beta of a training batch (paper eq. 5-9).
 
@@ -115,6 +121,17 @@ def meta_weights(
         (eq. 13). The raw weights include lr, which cancels under "sum" only.
     temperature : float, default=10.0
         Softmax temperature T (the paper uses T = 10 on ISIC2019).
+    meta_grad : {"exact", "fd"}, default="exact"
+        "exact": the inner products by one forward-mode JVP. "fd": an approximation, the one-sided
+        finite difference (f(theta + h v) - f(theta)) / h of the per-sample losses along v, one
+        forward without autograd instead of the JVP (see :func:`finite_difference_losses`).
+    distributed : bool, default=False
+        Data-parallel training (torch.distributed initialised): the clean gradient is averaged over
+        the ranks and the weights are normalised over the global batch, so every rank computes its
+        share of what one process would compute over all ranks' samples.
+    logits : Tensor, shape (n, K), optional
+        ``model(x)`` at the current parameters in train mode, if the caller already has it (the
+        real step's forward): "fd" then skips its own forward at theta. Ignored by "exact".
 
     Returns
     -------
@@ -133,6 +150,7 @@ def meta_weights(
     """
     check_choice("mode", mode, MODES)
     check_choice("normalize", normalize, NORMALIZATIONS)
+    check_choice("meta_grad", meta_grad, META_GRADS)
     if not temperature > 0:
         raise L2BError(f"temperature must be > 0, got {temperature}")
     for name, labels, inputs in (("y", y, x), ("y_val", y_val, x_val)):
@@ -140,12 +158,21 @@ def meta_weights(
             raise L2BError(f"{name} must have shape ({inputs.shape[0]},), got {tuple(labels.shape)}")
         if labels.dtype != torch.long:
             raise L2BError(f"{name} must be int64 class indices, got {labels.dtype}")
-    raw_alpha, raw_beta, pseudo = raw_meta_weights(model, x, y, x_val, y_val, optimizer=optimizer)
-    alpha, beta = normalize_weights(raw_alpha, raw_beta, mode=mode, normalize=normalize, temperature=temperature)
+    reduce_direction = all_reduce = None
+    if distributed:
+        from ._distributed import all_reduce_scalar, average_tensors
+
+        reduce_direction, all_reduce = average_tensors, all_reduce_scalar
+    raw_alpha, raw_beta, pseudo = raw_meta_weights(model, x, y, x_val, y_val, optimizer=optimizer,
+                                                   reduce_direction=reduce_direction, meta_grad=meta_grad,
+                                                   logits=logits)
+    alpha, beta = normalize_weights(raw_alpha, raw_beta, mode=mode, normalize=normalize, temperature=temperature,
+                                    all_reduce=all_reduce)
     return MetaWeights(alpha, beta, pseudo, raw_alpha, raw_beta)
 
 
-def raw_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, reduce_direction=None):
+def raw_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, reduce_direction=None, meta_grad="exact",
+                     logits=None):
     """(raw_alpha, raw_beta, pseudo), each (n,): the unnormalised -dG/dalpha, -dG/dbeta at 0.
 
     ``reduce_direction``, if given, is applied to the scaled clean gradient v (a dict name -> tensor)
@@ -154,7 +181,10 @@ def raw_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, reduce_direct
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with meta_mode(model):
         direction = clean_direction(model, x_val, y_val, params, optimizer, reduce_direction)
-        raw, pseudo = directional_losses(model, x, y, params, direction)
+        if meta_grad == "fd":
+            raw, pseudo = finite_difference_losses(model, x, y, params, direction, logits=logits)
+        else:
+            raw, pseudo = directional_losses(model, x, y, params, direction)
     return raw[0], raw[1], pseudo
 
 
@@ -218,6 +248,47 @@ def directional_losses(model, x, y, params, direction):
     return loss_tangents(logits, tangent, y)
 
 
+def _per_sample_losses(logits: Tensor, y: Tensor, pseudo: Tensor) -> Tensor:
+    """(2, n): f_i = CE(z_i, y_i) and g_i = CE(z_i, p_i), in float32 or wider (even under autocast)."""
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    return torch.stack([F.cross_entropy(logits, y, reduction="none"), F.cross_entropy(logits, pseudo, reduction="none")])
+
+
+def finite_difference_losses(model, x, y, params, direction, *, logits=None):
+    """One-sided finite difference of the per-sample losses along ``direction`` (an approximation).
+
+    Returns ((2, n) estimates of <grad f_i, v>, <grad g_i, v>, pseudo), from
+    (f(theta + h v) - f(theta)) / h. The step h = sqrt(eps) * ||theta|| / ||v||, with eps the
+    machine epsilon of the forward's precision (autocast's dtype when autocast is on): a relative
+    move of sqrt(eps) balances the truncation error (O(h)) against rounding (O(eps / h)).
+    ``logits`` (n, K) at theta, in train mode, saves the forward at theta (the real step has it).
+    BatchNorm uses batch statistics and leaves running statistics alone (the caller's meta_mode).
+    """
+    with torch.no_grad():
+        primal = {n: p.detach() for n, p in params.items()}
+        if logits is None:
+            logits = functional_call(model, primal, (x,))
+        logits = logits.detach()
+        pseudo = logits.argmax(dim=1)
+        base = _per_sample_losses(logits, y, pseudo)  # (2, n)
+        norm_theta = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in primal.values()]))
+        norm_v = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in direction.values()]))
+        if not norm_v > 0:  # no clean signal: every inner product is 0
+            return torch.zeros_like(base), pseudo
+        h = math.sqrt(_compute_eps(x, primal)) * float(norm_theta.clamp_min(1.0)) / float(norm_v)
+        moved = {n: p + h * direction[n].to(p.dtype) for n, p in primal.items()}
+        ahead = _per_sample_losses(functional_call(model, moved, (x,)), y, pseudo)
+    return ((ahead - base) / h).to(base.dtype), pseudo
+
+
+def _compute_eps(x: Tensor, params: dict[str, Tensor]) -> float:
+    """Machine epsilon of the forward pass: autocast's dtype if on for x's device, else the parameters'."""
+    dtype = next(iter(params.values())).dtype
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    return torch.finfo(dtype).eps
+
+
 def lookahead_affine(params: dict[str, Tensor], optimizer) -> tuple[dict[str, Tensor], dict[str, float]]:
     """The look-ahead step as theta_hat = theta - shift - scale * grad, per parameter.
 
@@ -271,12 +342,17 @@ def meta_mode(model: nn.Module):
     modes = [(m, m.training) for m in model.modules()]
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     tracked = [m.track_running_stats for m in norms]
+    synced = [m for m in norms if isinstance(m, nn.SyncBatchNorm)]
     try:
         model.train()
         for m in norms:
             m.track_running_stats = False
+        for m in synced:  # per-rank batch statistics: SyncBatchNorm has no forward-mode derivative
+            m.forward = types.MethodType(nn.modules.batchnorm._BatchNorm.forward, m)
         yield model
     finally:
+        for m in synced:
+            del m.forward
         for m, flag in zip(norms, tracked):
             m.track_running_stats = flag
         for m, training in modes:
@@ -284,7 +360,8 @@ def meta_mode(model: nn.Module):
 
 
 def normalize_weights(
-    raw_alpha: Tensor, raw_beta: Tensor, *, mode: str = "l2b", normalize: str = "sum", temperature: float = 10.0
+    raw_alpha: Tensor, raw_beta: Tensor, *, mode: str = "l2b", normalize: str = "sum", temperature: float = 10.0,
+    all_reduce=None,
 ) -> tuple[Tensor, Tensor]:
     """Turn raw weights (n,), (n,) into (alpha, beta) under a mode and a normalisation.
 
@@ -292,25 +369,46 @@ def normalize_weights(
     term over n and zero the other; "convex" normalises each sample's pair, so alpha_i + beta_i = 1
     (Table 7). ``normalize``: "sum" = clamp at 0 then divide by the sum (eq. 8-9), "sigmoid" (eq. 13),
     "softmax" with ``temperature`` (eq. 14).
+
+    ``all_reduce(t, op)``, op "sum" or "max", returns the reduction of the 0-dim tensor t over all
+    ranks (data-parallel training): the normalising constants then cover the global batch, as one
+    process over all samples would. "convex" is per sample and needs none.
     """
     if mode == "l2b":
-        w = _normalize(torch.cat([raw_alpha, raw_beta]), 0, normalize, temperature, fill=0.0)
+        w = _normalize(torch.cat([raw_alpha, raw_beta]), normalize, temperature, all_reduce)
         return w[: raw_alpha.numel()], w[raw_alpha.numel():]
     if mode == "beta0":
-        return _normalize(raw_alpha, 0, normalize, temperature, fill=0.0), torch.zeros_like(raw_beta)
+        return _normalize(raw_alpha, normalize, temperature, all_reduce), torch.zeros_like(raw_beta)
     if mode == "alpha0":
-        return torch.zeros_like(raw_alpha), _normalize(raw_beta, 0, normalize, temperature, fill=0.0)
+        return torch.zeros_like(raw_alpha), _normalize(raw_beta, normalize, temperature, all_reduce)
     if mode == "convex":
-        w = _normalize(torch.stack([raw_alpha, raw_beta], dim=1), 1, normalize, temperature, fill=0.5)
+        w = _normalize_rows(torch.stack([raw_alpha, raw_beta], dim=1), normalize, temperature)
         return w[:, 0], w[:, 1]
     check_choice("mode", mode, MODES)
     raise AssertionError("unreachable")
 
 
-def _normalize(raw: Tensor, dim: int, normalize: str, temperature: float, fill: float) -> Tensor:
-    if normalize == "softmax":  # eq. 14
-        return torch.softmax(raw / temperature, dim=dim)
+def _local(t: Tensor, op: str) -> Tensor:
+    return t
+
+
+def _normalize(raw: Tensor, normalize: str, temperature: float, all_reduce=None) -> Tensor:
+    """Normalise a 1-d group; the max and the sums go through ``all_reduce`` (one scalar each)."""
+    reduce = all_reduce or _local
+    if normalize == "softmax":  # eq. 14, with the global max subtracted for stability
+        z = raw / temperature
+        e = torch.exp(z - reduce(z.max(), "max"))
+        return e / reduce(e.sum(), "sum")
     w = torch.sigmoid(raw) if normalize == "sigmoid" else raw.clamp_min(0)  # eq. 13 / eq. 8
-    total = w.sum(dim=dim, keepdim=True)
-    # eq. 9, eps-guarded: a group with no positive weight gets `fill`, never 0/0
-    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.full_like(w, fill))
+    total = reduce(w.sum(), "sum")
+    # eq. 9, eps-guarded: a group with no positive weight gets all zeros, never 0/0
+    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+
+
+def _normalize_rows(raw: Tensor, normalize: str, temperature: float) -> Tensor:
+    """Normalise each row of (n, 2); a row with no positive weight gets 0.5, 0.5."""
+    if normalize == "softmax":
+        return torch.softmax(raw / temperature, dim=1)
+    w = torch.sigmoid(raw) if normalize == "sigmoid" else raw.clamp_min(0)
+    total = w.sum(dim=1, keepdim=True)
+    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.full_like(w, 0.5))

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._errors import check_choice
-from ._meta import weighted_forward
+from ._meta import meta_weights, weighted_forward
 
 __all__ = ["Method", "PrepareContext", "StepContext", "StepResult", "register_method", "create_method",
            "list_methods"]
@@ -27,12 +27,19 @@ class StepContext:
 
     ``next_clean()`` returns the next clean batch (x_val, y_val) from a persistent, cycling,
     reshuffled source; ``optimizer`` is the real step's optimizer with this step's lr already set.
+    Under data parallelism ``model`` (the step's argument) is the DistributedDataParallel wrapper
+    for the real forward, ``module`` the unwrapped network for the meta passes, and ``world_size``
+    the number of ranks; ``meta_grad`` picks the exact JVP or the finite difference.
     """
 
     optimizer: torch.optim.Optimizer
     next_clean: Callable[[], tuple[Tensor, Tensor]]
     epoch: int
     num_classes: int
+    module: nn.Module | None = None
+    world_size: int = 1
+    meta_grad: str = "exact"
+    reuse_forward: bool = True  # fd may take f(theta) from the real forward (False under SyncBatchNorm)
 
 
 @dataclass
@@ -157,14 +164,27 @@ class MetaReweight:
 
     def step(self, model, x, y, ctx):
         x_val, y_val = ctx.next_clean()
-        # meta_weights(...) and the real forward model(x) in one pass (see weighted_forward)
-        w, logits = weighted_forward(model, x, y, x_val, y_val, optimizer=ctx.optimizer, mode=self.mode,
-                                     normalize=self.normalize, temperature=self.temperature)
+        fd = ctx.meta_grad == "fd"
+        if ctx.module in (None, model) and not fd:
+            # one process, exact: meta_weights(...) and the real forward model(x) in one pass
+            w, logits = weighted_forward(model, x, y, x_val, y_val, optimizer=ctx.optimizer, mode=self.mode,
+                                         normalize=self.normalize, temperature=self.temperature)
+        else:
+            # DDP or torch.compile wrap the real forward, or fd: the meta passes run on the plain module
+            logits = model(x) if fd else None  # fd reads f(theta) off the real forward
+            w = meta_weights(ctx.module or model, x, y, x_val, y_val, optimizer=ctx.optimizer, mode=self.mode,
+                             normalize=self.normalize, temperature=self.temperature, meta_grad=ctx.meta_grad,
+                             distributed=ctx.world_size > 1,
+                             logits=logits.detach() if fd and ctx.reuse_forward else None)
+            if logits is None:
+                logits = model(x)  # (n, K), the real forward
         f = F.cross_entropy(logits, y, reduction="none")
         g = F.cross_entropy(logits, w.pseudo, reduction="none")
         loss = (w.alpha * f + w.beta * g).sum()
         if self.mode == "convex":
-            loss = loss / len(y)
+            loss = loss / len(y)  # a per-rank mean: DDP's averaging makes it the global mean
+        else:
+            loss = loss * ctx.world_size  # weights sum to 1 over the global batch; DDP averages
         return StepResult(loss, w.alpha, w.beta, w.pseudo, logits)
 
 

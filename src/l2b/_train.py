@@ -27,6 +27,7 @@ from . import _datasets, _noise
 from ._checkpoint import atomic_save, rng_state, safe_load, set_rng_state
 from ._config import Config, make_config, save_yaml
 from ._data import DeviceImages, ImageData, balanced_clean_split, balanced_order, channel_stats
+from ._distributed import all_reduce_sum_, convert_sync_bn, setup, wrap
 from ._errors import Interrupted, L2BError
 from ._methods import CrossEntropy, PrepareContext, StepContext, create_method
 from ._models import create_model
@@ -257,8 +258,8 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def train(cfg: Config | None, *, resume: str | Path | None = None, progress: bool = True) -> dict:
-    """Train ``cfg.method`` and write the run folder; returns the summary dict.
+def train(cfg: Config | None, *, resume: str | Path | None = None, progress: bool = True) -> dict | None:
+    """Train ``cfg.method`` and write the run folder; returns the summary dict (None on ranks > 0).
 
     With ``resume`` (a run folder), continue from its last checkpoint: on CPU the result is
     bit-identical to an uninterrupted run. SIGINT/SIGTERM finish the current step, write a
@@ -270,12 +271,14 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
         state = safe_load(out / "checkpoint.pt")
         cfg = make_config(state["config"], source=str(out / "checkpoint.pt"))
     method = create_method(cfg.method, **cfg.to_dict())  # each method takes the keys it reads
-    device = resolve_device(cfg.device)
+    dist_info, device = setup(resolve_device(cfg.device))  # a single process unless launched by torchrun
+    is_main, rank, world = dist_info.is_main, dist_info.rank, dist_info.world_size  # only rank 0 writes files
     if resume is None:
-        out = new_run_dir(cfg)  # before any data is read: a bad --out fails fast
+        # before any data is read: a bad --out fails fast; other ranks get a name they never write to
+        out = new_run_dir(cfg) if is_main else Path(f"<rank {rank} writes no files>")
     data = load_dataset(cfg)
     td = prepare_data(cfg, data, device, method.trains_on_clean)
-    if resume is None:
+    if resume is None and is_main:
         save_yaml(cfg, out / "config.yaml")
         (out / "noise.json").write_text(json.dumps(td.noise_info, indent=1))
         np.save(out / "noisy_labels.npy", td.y_observed.cpu().numpy())
@@ -285,6 +288,10 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels,
                          pretrained=cfg.pretrained or None).to(device)
+    if cfg.sync_bn:
+        model = convert_sync_bn(model, dist_info)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     order_gen = torch.Generator().manual_seed(cfg.seed + 1)  # epoch permutations and augmentation
     clean_source = CyclingBatches(len(td.y_clean), cfg.val_batch_size, torch.Generator().manual_seed(cfg.seed + 2))
@@ -293,6 +300,7 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     batch_size = min(cfg.batch_size, n_train)
     # the last partial batch is dropped (BatchNorm needs > 1); or a fixed number of class-balanced batches
     steps_per_epoch = cfg.balanced_batches or n_train // batch_size
+    local_batch = batch_size // world  # each rank's shard of the global batch
     total_steps = steps_per_epoch * cfg.epochs
     # loop position and running totals: everything a checkpoint must hold besides the modules
     pos = {"epoch": 0, "batch": 0, "step": 0, "perm": None, "loss_sum": 0.0, "skipped": 0,
@@ -315,6 +323,8 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
         _write_metrics(out, pos["metrics"])  # drop lines of an epoch that had not reached its checkpoint
 
     def checkpoint(path: Path) -> None:
+        if not is_main:
+            return
         atomic_save({
             "config": cfg.to_dict(), "position": pos, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "order_gen": order_gen.get_state(),
@@ -322,9 +332,20 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
             "method": method.state_dict() if hasattr(method, "state_dict") else None,
         }, path)
 
+    # the real forward goes through torch.compile and DDP; the meta passes use the plain module
+    train_model = wrap(torch.compile(model) if cfg.compile else model, dist_info, device)
+    if world > 1 and state is None:
+        torch.manual_seed(cfg.seed + rank)  # per-rank seed offset (dropout and the like)
+    aug_gen = order_gen if world == 1 else torch.Generator().manual_seed(cfg.seed + 1 + 1000 * rank)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+
     def next_clean():
         idx = clean_source.next().to(device)
-        return td.clean.batch(idx, augment=cfg.augment, generator=order_gen), td.y_clean[idx]
+        idx = idx[rank * (len(idx) // world) : (rank + 1) * (len(idx) // world)]  # this rank's shard
+        x_val = td.clean.batch(idx, augment=cfg.augment, generator=aug_gen)
+        return x_val.contiguous(memory_format=layout), td.y_clean[idx]
 
     ce = CrossEntropy()
     model.train()
@@ -343,16 +364,21 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                 lr = cosine_lr(pos["step"], total_steps, cfg.lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                idx = perm[b * batch_size : (b + 1) * batch_size]
-                x = td.train.batch(idx, augment=cfg.augment, generator=order_gen)
+                idx = perm[b * batch_size + rank * local_batch : b * batch_size + (rank + 1) * local_batch]
+                x = td.train.batch(idx, augment=cfg.augment, generator=aug_gen).contiguous(memory_format=layout)
                 y = td.y_observed[idx]
-                result = policy.step(model, x, y, StepContext(optimizer, next_clean, epoch, td.num_classes))
+                ctx = StepContext(optimizer, next_clean, epoch, td.num_classes, module=model, world_size=world,
+                                  meta_grad=cfg.meta_grad, reuse_forward=not (cfg.sync_bn or cfg.compile))
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    result = policy.step(train_model, x, y, ctx)
                 if torch.isfinite(result.loss):
                     optimizer.zero_grad(set_to_none=True)
-                    result.loss.backward()
+                    scaler.scale(result.loss).backward()
                     if cfg.grad_clip > 0:
+                        scaler.unscale_(optimizer)
                         nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     pos["loss_sum"] += result.loss.item()
                     if result.alpha is not None:
                         records.update(idx, y, result.alpha, result.beta, result.pseudo, result.logits)
@@ -374,6 +400,11 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                     code = 130 if signals.received == signal.SIGINT else 143
                     raise Interrupted(f"stopped by signal at epoch {epoch + 1}, step {pos['step']}; "
                                       f"resume with: l2b train --resume {out}", code)
+            all_reduce_sum_(pos["weight_stats"])  # clean/flipped weight means over all ranks' samples
+            if not is_main:  # ranks > 0 neither evaluate nor write
+                pos.update(epoch=epoch + 1, batch=0, perm=None, loss_sum=0.0, skipped=0, epoch_seconds=0.0,
+                           weight_stats=torch.zeros(3, 2, dtype=torch.float64))
+                continue
             val_acc = evaluate(model, td.clean, td.y_clean, cfg.eval_batch_size)
             test_acc = evaluate(model, td.test, td.y_test, cfg.eval_batch_size)
             seconds = pos["epoch_seconds"] + time.perf_counter() - t0
@@ -400,6 +431,8 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                 checkpoint(out / "checkpoint.pt")
                 _keep_history(out, epoch + 1, cfg.keep_checkpoints)
 
+    if not is_main:
+        return None
     summary = summarize(cfg, pos["metrics"], td.noise_info, pos["train_seconds"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     summary["run_dir"] = str(out)

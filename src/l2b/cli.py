@@ -57,6 +57,12 @@ TRAIN_HELP = {
     "on_nan": "on a NaN/inf loss: stop (save the last good state, exit 2) or skip the step and count it",
     "seed": "seed of the split, the noise, the initialisation and the data order",
     "device": "auto, cpu, cuda or cuda:N",
+    "meta_grad": "meta-gradient: exact (forward-mode JVP) or fd (finite difference: faster, approximate)",
+    "amp": "mixed precision: off, bf16 or fp16 (autocast; fp16 adds a GradScaler)",
+    "channels_last": "channels-last (NHWC) memory layout for conv nets",
+    "compile": "torch.compile the real forward (the meta passes stay eager)",
+    "nproc": "data-parallel processes (DDP; gloo on CPU, nccl on GPUs); same as torchrun --nproc_per_node",
+    "sync_bn": "convert BatchNorm to SyncBatchNorm under DDP (real forward; meta passes use per-rank statistics)",
     "out": "run folder (must not exist); default runs/<time>-<method>",
 }
 
@@ -110,14 +116,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
-    step = bench_sub.add_parser("step", help="step time of plain CE, exact L2B and the double-backward reference")
-    step.add_argument("--model", default="small-cnn", choices=list_models())
-    step.add_argument("--batch-size", type=int, default=128)
-    step.add_argument("--val-batch-size", type=int, default=100)
-    step.add_argument("--image-shape", default="3,32,32", help="C,H,W of the random inputs")
-    step.add_argument("--device", default="cpu")
-    step.add_argument("--steps", type=int, default=20, help="timed steps per kind (median reported)")
-    step.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    for name, text in (("step", "step-time ratios: plain CE, L2B exact, L2B fd, double-backward reference"),
+                       ("epoch", "images/second of a whole epoch per method on random data, and the data cost"),
+                       ("weights", "agreement of bf16/fp16 and fd meta-weights with exact float32 ones")):
+        b = bench_sub.add_parser(name, help=text)
+        b.add_argument("--model", default="small-cnn", choices=list_models())
+        b.add_argument("--batch-size", type=int, default=128)
+        b.add_argument("--val-batch-size", type=int, default=100)
+        b.add_argument("--image-shape", default="3,32,32", help="C,H,W of the random inputs")
+        b.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+        b.add_argument("--amp", default="off" if name != "weights" else "bf16", choices=["off", "bf16", "fp16"])
+        b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        if name != "weights":
+            b.add_argument("--channels-last", action="store_true", help="NHWC layout for model and inputs")
+    bench_sub.choices["step"].add_argument("--steps", type=int, default=20, help="timed steps per kind (median)")
+    bench_sub.choices["step"].add_argument("--no-reference", action="store_true", help="skip the slow double backward")
+    bench_sub.choices["epoch"].add_argument("--num-images", type=int, default=10000, help="images per epoch")
+    bench_sub.choices["epoch"].add_argument("--methods", default="ce,l2b_exact,l2b_fd", help="comma-separated")
     data_bench = bench_sub.add_parser("data", help="cost of feeding a Fashion-MNIST epoch vs a plain CE epoch")
     data_bench.add_argument("--data-dir", default=None)
     data_bench.add_argument("--subset", type=int, default=3000, help="images per epoch")
@@ -137,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _train(args) -> int:
+def _train(args, argv: list[str]) -> int:
+    from ._distributed import launch, launched, strip_nproc, teardown
     from ._train import train
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
@@ -149,8 +165,14 @@ def _train(args) -> int:
         values = load_yaml(args.config) if args.config else {}
         values.update(flags)
         cfg = make_config(values, source=args.config or "command line")
-        summary = train(cfg, progress=not args.quiet)
-    print(format_summary(summary))
+        if cfg.nproc > 1 and not launched():
+            return launch(cfg.nproc, strip_nproc(argv))  # K copies of this command, under torchrun
+        try:
+            summary = train(cfg, progress=not args.quiet)
+        finally:
+            teardown()
+    if summary is not None:  # None on ranks other than 0
+        print(format_summary(summary))
     return 0
 
 
@@ -231,25 +253,35 @@ def _data(args) -> int:
 
 
 def _bench(args) -> int:
-    if args.bench_command == "data":
-        from ._bench import bench_data, format_data_table
+    from . import _bench as bench
 
-        result = bench_data(data_dir=args.data_dir, subset=args.subset, batch_size=args.batch_size,
-                            model=args.model, device=args.device, repeats=args.repeats)
-        print(json.dumps(result, indent=1) if args.json else format_data_table(result))
+    if args.bench_command == "data":
+        result = bench.bench_data(data_dir=args.data_dir, subset=args.subset, batch_size=args.batch_size,
+                                  model=args.model, device=args.device, repeats=args.repeats)
+        print(json.dumps(result, indent=1) if args.json else bench.format_data_table(result))
         return 0
-    if args.bench_command != "step":
-        raise L2BError("choose a benchmark: l2b bench step | l2b bench data")
-    from ._bench import bench_step, format_step_table
+    if args.bench_command not in ("step", "epoch", "weights"):
+        raise L2BError("choose a benchmark: l2b bench step | epoch | weights | data")
 
     try:
         shape = tuple(int(v) for v in args.image_shape.split(","))
         assert len(shape) == 3
     except (ValueError, AssertionError):
         raise L2BError(f"--image-shape must be C,H,W, got {args.image_shape!r}") from None
-    result = bench_step(model=args.model, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
-                        image_shape=shape, device=args.device, steps=args.steps)
-    print(json.dumps(result, indent=1) if args.json else format_step_table(result))
+    common = dict(model=args.model, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
+                  image_shape=shape, device=args.device, amp=args.amp)
+    if args.bench_command == "step":
+        result = bench.bench_step(**common, steps=args.steps, channels_last=args.channels_last,
+                                  reference=not args.no_reference)
+        table = bench.format_step_table
+    elif args.bench_command == "epoch":
+        result = bench.bench_epoch(**common, num_images=args.num_images, channels_last=args.channels_last,
+                                   methods=tuple(m for m in args.methods.split(",") if m))
+        table = bench.format_epoch_table
+    else:
+        result = bench.bench_weights(**common)
+        table = bench.format_weights_table
+    print(json.dumps(result, indent=1) if args.json else table(result))
     return 0
 
 
@@ -260,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         if args.command == "train":
-            return _train(args)
+            return _train(args, argv)
         if args.command == "sweep":
             return _sweep(args)
         if args.command == "report":
@@ -274,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     except L2BError as exc:
         if debug:
             raise
-        print(f"l2b: error: {exc}", file=sys.stderr)
+        from ._distributed import rank_prefix
+
+        print(f"l2b: error: {rank_prefix()}{exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
         print(f"l2b: {exc}", file=sys.stderr)

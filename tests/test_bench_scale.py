@@ -1,0 +1,25 @@
+import pytest
+
+from l2b import L2BError
+from l2b._bench import bench_epoch, bench_step, bench_weights
+
+
+def test_bench_step_reports_fd_and_amp():
+    r = bench_step(batch_size=8, val_batch_size=4, image_shape=(1, 8, 8), steps=1, warmup=0, amp="bf16",
+                   channels_last=True, reference=False)
+    assert set(r["seconds"]) == {"ce", "l2b_exact", "l2b_fd"} and r["amp"] == "bf16"
+    assert all(v > 0 for v in r["seconds"].values())
+
+
+def test_bench_epoch_counts_whole_batches():
+    r = bench_epoch(num_images=40, batch_size=16, val_batch_size=8, image_shape=(1, 8, 8), num_clean=20,
+                    methods=("ce", "l2b_fd"))
+    assert r["num_images"] == 32 and set(r["images_per_second"]) == {"data", "ce", "l2b_fd"}
+    with pytest.raises(L2BError, match="l2b_exact"):
+        bench_epoch(num_images=16, batch_size=8, image_shape=(1, 8, 8), methods=("nope",))
+
+
+def test_bench_weights_compares_with_exact_float32():
+    r = bench_weights(batch_size=16, val_batch_size=8, image_shape=(1, 8, 8), train_steps=2)
+    fd = r["results"]["fd_fp32"]
+    assert 0.9 < fd["pearson_raw"] <= 1.0 + 1e-9 and 0 <= fd["relative_l1_weights"] < 0.5
