@@ -44,7 +44,9 @@ def uninterrupted(tmp_path_factory, tiny_fmnist):
     out = tmp_path_factory.mktemp("ref") / "run"
     args = ["--data-dir", str(tiny_fmnist), "--subset", "300", "--val-size", "100", "--batch-size", "32",
             "--val-batch-size", "20", "--epochs", "3", "--warmup-epochs", "1", "--eval-batch-size", "300", "--quiet"]
-    assert main(["train", "--out", str(out), *args]) == 0
+    proc = _l2b("train", "--out", str(out), *args)  # a fresh process, like the runs it is compared with
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
     return out, args
 
 
