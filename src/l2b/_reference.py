@@ -43,8 +43,8 @@ def reference_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, mode="l
         theta = {n: p.detach().clone().requires_grad_(True) for n, p in named.items()}
         logits = functional_call(model, theta, (x,))
         pseudo = logits.detach().argmax(1)
-        eps_a = torch.zeros(len(y), dtype=logits.dtype, requires_grad=True)
-        eps_b = torch.zeros(len(y), dtype=logits.dtype, requires_grad=True)
+        eps_a = torch.zeros(len(y), dtype=logits.dtype, device=logits.device, requires_grad=True)
+        eps_b = torch.zeros(len(y), dtype=logits.dtype, device=logits.device, requires_grad=True)
         loss = (eps_a * F.cross_entropy(logits, y, reduction="none")).sum() + (
             eps_b * F.cross_entropy(logits, pseudo, reduction="none")
         ).sum()
