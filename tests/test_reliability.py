@@ -149,3 +149,17 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         atomic_save({"a": torch.zeros(3)}, target)
     assert torch.equal(safe_load(target)["a"], torch.ones(3))  # the old file survives whole
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind
+
+
+def test_all_zero_meta_weights_are_counted_never_nan(tmp_path, tiny_args, monkeypatch):
+    import json
+
+    from l2b import _meta
+
+    monkeypatch.setattr(_meta, "normalize_weights", lambda a, b, **kw: (torch.zeros_like(a), torch.zeros_like(b)))
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), *tiny_args]) == 0
+    lines = [json.loads(s) for s in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "zero_weight_batches" not in lines[0]  # warm-up epoch: plain CE
+    assert [m["zero_weight_batches"] for m in lines[1:]] == [300 // 32] * 2  # every meta step counted
+    assert all(m["train_loss"] == 0.0 for m in lines[1:])

@@ -303,9 +303,7 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     local_batch = batch_size // world  # each rank's shard of the global batch
     total_steps = steps_per_epoch * cfg.epochs
     # loop position and running totals: everything a checkpoint must hold besides the modules
-    pos = {"epoch": 0, "batch": 0, "step": 0, "perm": None, "loss_sum": 0.0, "skipped": 0,
-           "weight_stats": torch.zeros(3, 2, dtype=torch.float64), "epoch_seconds": 0.0,
-           "train_seconds": 0.0, "metrics": [], "best_val": -1.0}
+    pos = {"epoch": 0, "step": 0, "train_seconds": 0.0, "metrics": [], "best_val": -1.0, **_epoch_totals()}
     if hasattr(method, "prepare"):  # a method's own stage (teacher, GLC stage 1) or meta network
         t0 = time.perf_counter()
         new_model = lambda: create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels).to(device)  # noqa: E731
@@ -382,6 +380,9 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                     pos["loss_sum"] += result.loss.item()
                     if result.alpha is not None:
                         records.update(idx, y, result.alpha, result.beta, result.pseudo, result.logits)
+                        if not (result.alpha.sum() + result.beta.sum()) > 0:  # no sample helps the clean loss
+                            pos["zero_weight_batches"] += 1
+                            log.info("epoch %d, step %d: all meta-weights are zero", epoch + 1, pos["step"])
                         if td.flipped is not None:
                             _accumulate_weight_stats(pos["weight_stats"], td.flipped[idx].cpu(), result.alpha.cpu(), result.beta.cpu())
                 elif cfg.on_nan == "skip":
@@ -402,8 +403,7 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                                       f"resume with: l2b train --resume {out}", code)
             all_reduce_sum_(pos["weight_stats"])  # clean/flipped weight means over all ranks' samples
             if not is_main:  # ranks > 0 neither evaluate nor write
-                pos.update(epoch=epoch + 1, batch=0, perm=None, loss_sum=0.0, skipped=0, epoch_seconds=0.0,
-                           weight_stats=torch.zeros(3, 2, dtype=torch.float64))
+                pos.update(epoch=epoch + 1, **_epoch_totals())
                 continue
             val_acc = evaluate(model, td.clean, td.y_clean, cfg.eval_batch_size)
             test_acc = evaluate(model, td.test, td.y_test, cfg.eval_batch_size)
@@ -413,11 +413,12 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
             if pos["skipped"]:
                 line["skipped_steps"] = pos["skipped"]
             if method.uses_meta_set and policy is method:
+                line["zero_weight_batches"] = pos["zero_weight_batches"]
+            if method.uses_meta_set and policy is method:
                 line.update(_weight_means(pos["weight_stats"]))
             pos["metrics"].append(line)
             pos["train_seconds"] += seconds
-            pos.update(epoch=epoch + 1, batch=0, perm=None, loss_sum=0.0, skipped=0, epoch_seconds=0.0,
-                       weight_stats=torch.zeros(3, 2, dtype=torch.float64))
+            pos.update(epoch=epoch + 1, **_epoch_totals())
             with open(out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(line) + "\n")
             if progress:
@@ -437,6 +438,12 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     summary["run_dir"] = str(out)
     return summary
+
+
+def _epoch_totals() -> dict:
+    """The loop position within an epoch and its running totals, as at an epoch's start."""
+    return {"batch": 0, "perm": None, "loss_sum": 0.0, "skipped": 0, "zero_weight_batches": 0,
+            "epoch_seconds": 0.0, "weight_stats": torch.zeros(3, 2, dtype=torch.float64)}
 
 
 def _write_metrics(out: Path, metrics: list[dict]) -> None:
