@@ -56,7 +56,9 @@ def test_convex_l2b_loss_is_the_bootstrapping_loss_in_value_and_gradient():
     xv, yv = torch.randn(10, 2, 8, 8, dtype=DTYPE), torch.randint(0, 4, (10,))
     opt = _warm_optimizer(model, "momentum_wd", x, y)
     result = create_method("l2b-convex").step(model, x, y, _ctx(opt, xv, yv))
-    alpha, beta, pseudo, logits = result.alpha, result.beta, result.pseudo, result.logits
+    # the step reports the weights of its summed batch loss: alpha_i / n and beta_i / n under convex
+    n = len(y)
+    alpha, beta, pseudo, logits = result.alpha * n, result.beta * n, result.pseudo, result.logits
     assert torch.allclose(alpha + beta, torch.ones_like(alpha))
     assert not torch.allclose(alpha, torch.full_like(alpha, 0.5))  # the weights carry information
     assert torch.equal(pseudo, logits.detach().argmax(1))

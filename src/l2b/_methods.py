@@ -180,12 +180,13 @@ class MetaReweight:
                 logits = model(x)  # (n, K), the real forward
         f = F.cross_entropy(logits, y, reduction="none")
         g = F.cross_entropy(logits, w.pseudo, reduction="none")
-        loss = (w.alpha * f + w.beta * g).sum()
-        if self.mode == "convex":
-            loss = loss / len(y)  # a per-rank mean: DDP's averaging makes it the global mean
-        else:
-            loss = loss * ctx.world_size  # weights sum to 1 over the global batch; DDP averages
-        return StepResult(loss, w.alpha, w.beta, w.pseudo, logits)
+        alpha, beta = w.alpha, w.beta
+        if self.mode == "convex":  # alpha_i + beta_i = 1 per sample: the loss is the global-batch mean
+            alpha, beta = alpha / (len(y) * ctx.world_size), beta / (len(y) * ctx.world_size)
+        # weights sum to 1 over the global batch; DDP averages the ranks' gradients, hence * world_size.
+        # The weights reported are those of the summed global-batch loss, for every mode alike.
+        loss = (alpha * f + beta * g).sum() * ctx.world_size
+        return StepResult(loss, alpha, beta, w.pseudo, logits)
 
 
 def _meta_factory(name: str, mode: str):
