@@ -27,7 +27,7 @@ class Config:
     noise_rate: float = 0.4  # fraction of training labels changed, in [0, 1)
     noise_map: str | None = None  # asym: YAML/JSON class map {source: target} (a list = a permutation)
     subset: int | None = 3000  # noisy training images used; None or 0 = all
-    val_size: int = 1000  # clean (trusted) images, class-balanced, disjoint from training
+    val_size: int = 1000  # clean (trusted) images, class-balanced, disjoint from training; 0 = none (meta_set=pseudo)
     augment: bool = False  # random crop (pad 2) + horizontal flip, on the device
     balanced_batches: int = 0  # > 0: an epoch is this many class-balanced batches (Clothing1M: 250)
     # optimisation (paper: SGD momentum 0.9, weight decay 5e-4, cosine decay)
@@ -56,6 +56,11 @@ class Config:
     compile: bool = False  # torch.compile the real forward; the meta passes stay eager
     nproc: int = 1  # data-parallel processes on this machine (torchrun); batch sizes are global
     sync_bn: bool = False  # BatchNorm statistics over the global batch in the real forward (nproc > 1)
+    # meta set: the clean set, or (no clean set) confident training samples that agree with their label
+    meta_set: str = "clean"  # clean | pseudo
+    pseudo_size: int = 1000  # pseudo meta set size, class-balanced where the classes allow
+    meta_confidence: float = 0.0  # floor on the predicted probability; each class gives its most confident agreeing samples
+    meta_refresh: int = 1  # rebuild the pseudo meta set every this many epochs after warm-up
     # run
     eval_batch_size: int = 1000
     checkpoint_every: int = 1  # epochs between checkpoints (checkpoint.pt; the last epoch always)
@@ -81,7 +86,10 @@ _RANGES = {  # key: (lower bound, inclusive?, upper bound, inclusive?)
     "batch_size": (1, True, None, None),
     "val_batch_size": (1, True, None, None),
     "eval_batch_size": (1, True, None, None),
-    "val_size": (1, True, None, None),
+    "val_size": (0, True, None, None),
+    "pseudo_size": (1, True, None, None),
+    "meta_confidence": (0.0, True, 1.0, True),
+    "meta_refresh": (1, True, None, None),
     "subset": (0, True, None, None),
     "checkpoint_every": (1, True, None, None),
     "keep_checkpoints": (1, True, None, None),
@@ -157,6 +165,10 @@ def validate(cfg: Config) -> None:
         raise L2BError(f"warmup_epochs ({cfg.warmup_epochs}) exceeds epochs ({cfg.epochs})")
     if cfg.on_nan not in ("stop", "skip"):
         raise L2BError(f"on_nan must be stop or skip, got {cfg.on_nan!r}")
+    if cfg.meta_set not in ("clean", "pseudo"):
+        raise L2BError(f"meta_set must be clean or pseudo, got {cfg.meta_set!r}")
+    if cfg.meta_set == "pseudo" and cfg.warmup_epochs < 1:
+        raise L2BError("meta_set=pseudo picks its samples with the warmed-up model; set warmup_epochs >= 1")
     if cfg.device not in ("auto", "cpu", "cuda") and not cfg.device.startswith("cuda:"):
         raise L2BError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
 

@@ -220,15 +220,19 @@ class DeviceImages:
 
     def batch(self, idx: Tensor, *, augment: bool = False, pad: int = 2, flip: bool = True,
               generator: torch.Generator | None = None, dtype=torch.float32) -> Tensor:
-        x = self.x[idx].to(dtype).div_(255.0)  # (B, C, H, W)
+        x = self.x[idx].to(dtype)  # (B, C, H, W)
+        if self.x.dtype == torch.uint8:  # float inputs (feature vectors as (N, D, 1, 1)) are used as given
+            x.div_(255.0)
         if augment:
             x = random_crop_flip(x, pad, flip, generator)
         return (x - self.mean.to(dtype)) / self.std.to(dtype)
 
 
 def channel_stats(x: np.ndarray) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std of uint8 images (N, C, H, W) on the [0, 1] scale."""
-    xs = torch.as_tensor(x[: min(len(x), 10000)]).double().div_(255.0)
+    """Per-channel mean and std of images (N, C, H, W): uint8 on the [0, 1] scale, floats as given."""
+    xs = torch.as_tensor(x[: min(len(x), 10000)]).double()
+    if x.dtype == np.uint8:
+        xs.div_(255.0)
     mean = xs.mean(dim=(0, 2, 3))
     std = xs.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return mean.float(), std.float()

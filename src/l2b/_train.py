@@ -30,6 +30,8 @@ from ._data import DeviceImages, ImageData, balanced_clean_split, balanced_order
 from ._distributed import all_reduce_sum_, convert_sync_bn, setup, wrap
 from ._errors import Interrupted, L2BError
 from ._methods import CrossEntropy, PrepareContext, StepContext, create_method
+from ._labels import per_sample_table, write_table
+from ._metaset import predict_probs, select_pseudo_meta
 from ._models import create_model
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,11 @@ class TrainData:
     num_classes: int
     in_channels: int
     noise_info: dict
+    mean: Tensor  # (C,) channel mean and std the images are normalised with
+    std: Tensor
+    indices: np.ndarray  # (N,) each training sample's index in the data's training split (-1: none)
+    y_true: np.ndarray | None  # (N,) true labels, None when unknown
+    paths: list[str] | None  # (N,) source files, where the data has them
 
 
 def load_dataset(cfg: Config) -> ImageData:
@@ -86,10 +93,15 @@ def prepare_data(cfg: Config, data: ImageData, device: torch.device, trains_on_c
         "num_clean": int(len(y_clean)),
     }
     x_train, y_obs, flipped = data.x_train[pool], noisy.labels, y_true != noisy.labels
+    indices = pool
+    paths = [data.paths[i] for i in pool] if data.paths is not None else None
     if trains_on_clean:  # ce+clean: the clean images join the training set with their true labels
         x_train = np.concatenate([x_train, x_clean])
         y_obs = np.concatenate([y_obs, y_clean])
         flipped = np.concatenate([flipped, np.zeros(len(y_clean), dtype=bool)])
+        y_true = np.concatenate([y_true, y_clean])
+        indices = np.concatenate([pool, clean_idx if data.x_val is None else np.full(len(y_clean), -1)])
+        paths = None
     mean, std = channel_stats(x_train)
 
     def on_device(a):
@@ -106,6 +118,11 @@ def prepare_data(cfg: Config, data: ImageData, device: torch.device, trains_on_c
         num_classes=k,
         in_channels=data.x_train.shape[1],
         noise_info=noise_info,
+        mean=mean,
+        std=std,
+        indices=np.asarray(indices, dtype=np.int64),
+        y_true=y_true if known else None,
+        paths=paths,
     )
 
 
@@ -258,12 +275,15 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
-def train(cfg: Config | None, *, resume: str | Path | None = None, progress: bool = True) -> dict | None:
+def train(cfg: Config | None, *, resume: str | Path | None = None, progress: bool = True,
+          data: ImageData | None = None, model: nn.Module | None = None) -> dict | None:
     """Train ``cfg.method`` and write the run folder; returns the summary dict (None on ranks > 0).
 
     With ``resume`` (a run folder), continue from its last checkpoint: on CPU the result is
     bit-identical to an uninterrupted run. SIGINT/SIGTERM finish the current step, write a
-    checkpoint and raise :class:`Interrupted`.
+    checkpoint and raise :class:`Interrupted`. ``data`` replaces ``cfg.dataset`` with an in-memory
+    data set (the estimator's arrays); ``model`` replaces ``create_model(cfg.model, ...)`` with a
+    given, freshly initialised module (trained in place).
     """
     state = None
     if resume is not None:
@@ -276,18 +296,24 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     if resume is None:
         # before any data is read: a bad --out fails fast; other ranks get a name they never write to
         out = new_run_dir(cfg) if is_main else Path(f"<rank {rank} writes no files>")
-    data = load_dataset(cfg)
+    data = load_dataset(cfg) if data is None else data
     td = prepare_data(cfg, data, device, method.trains_on_clean)
+    pseudo_meta = method.uses_meta_set and cfg.meta_set == "pseudo"
+    if method.uses_meta_set and not pseudo_meta and len(td.y_clean) == 0:
+        raise L2BError(f"method {cfg.method!r} needs a clean set: set val_size > 0 or meta_set=pseudo")
     if resume is None and is_main:
         save_yaml(cfg, out / "config.yaml")
         (out / "noise.json").write_text(json.dumps(td.noise_info, indent=1))
         np.save(out / "noisy_labels.npy", td.y_observed.cpu().numpy())
         for name, text in data.files.items():  # e.g. the seeded ISIC2019 split
             (out / name).write_text(text)
+        _save_data_record(out, td, data)
 
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels,
-                         pretrained=cfg.pretrained or None).to(device)
+    if model is None:
+        model = create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels,
+                             pretrained=cfg.pretrained or None)
+    model = model.to(device)
     if cfg.sync_bn:
         model = convert_sync_bn(model, dist_info)
     if cfg.channels_last:
@@ -303,7 +329,8 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     local_batch = batch_size // world  # each rank's shard of the global batch
     total_steps = steps_per_epoch * cfg.epochs
     # loop position and running totals: everything a checkpoint must hold besides the modules
-    pos = {"epoch": 0, "step": 0, "train_seconds": 0.0, "metrics": [], "best_val": -1.0, **_epoch_totals()}
+    pos = {"epoch": 0, "step": 0, "train_seconds": 0.0, "metrics": [], "best_val": -1.0, **_epoch_totals(),
+           "meta_idx": None}  # meta_set=pseudo: the training samples the meta batches come from
     if hasattr(method, "prepare"):  # a method's own stage (teacher, GLC stage 1) or meta network
         t0 = time.perf_counter()
         new_model = lambda: create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels).to(device)  # noqa: E731
@@ -318,6 +345,10 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
         records.load_state_dict({k: v.to(device) for k, v in state["records"].items()})
         set_rng_state(state["rng"])
         pos = state["position"]
+        if pos.get("meta_idx") is not None:  # the cycling source walks the pseudo meta set
+            pos["meta_idx"] = pos["meta_idx"].to(device)
+            clean_source = CyclingBatches(len(pos["meta_idx"]), cfg.val_batch_size, torch.Generator())
+            clean_source.load_state_dict(state["clean_source"])
         _write_metrics(out, pos["metrics"])  # drop lines of an epoch that had not reached its checkpoint
 
     def checkpoint(path: Path) -> None:
@@ -342,6 +373,10 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     def next_clean():
         idx = clean_source.next().to(device)
         idx = idx[rank * (len(idx) // world) : (rank + 1) * (len(idx) // world)]  # this rank's shard
+        if pos["meta_idx"] is not None:  # meta_set=pseudo: the batch comes from the training set
+            idx = pos["meta_idx"][idx]
+            x_val = td.train.batch(idx, augment=cfg.augment, generator=aug_gen)
+            return x_val.contiguous(memory_format=layout), td.y_observed[idx]
         x_val = td.clean.batch(idx, augment=cfg.augment, generator=aug_gen)
         return x_val.contiguous(memory_format=layout), td.y_clean[idx]
 
@@ -352,6 +387,11 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
             epoch = pos["epoch"]
             t0 = time.perf_counter()
             policy = ce if (method.warmup_with_ce and epoch < cfg.warmup_epochs) else method
+            if (pseudo_meta and pos["batch"] == 0 and epoch >= cfg.warmup_epochs
+                    and (epoch - cfg.warmup_epochs) % cfg.meta_refresh == 0):
+                pos["meta_idx"] = _pseudo_meta_set(cfg, model, td, epoch)
+                clean_source = CyclingBatches(len(pos["meta_idx"]), cfg.val_batch_size,
+                                              torch.Generator().manual_seed(cfg.seed + 2 + epoch))
             if pos["perm"] is None:
                 pos["perm"] = (balanced_order(td.y_observed.cpu(), steps_per_epoch, batch_size, order_gen)
                                if cfg.balanced_batches else torch.randperm(n_train, generator=order_gen))
@@ -405,8 +445,8 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
             if not is_main:  # ranks > 0 neither evaluate nor write
                 pos.update(epoch=epoch + 1, **_epoch_totals())
                 continue
-            val_acc = evaluate(model, td.clean, td.y_clean, cfg.eval_batch_size)
-            test_acc = evaluate(model, td.test, td.y_test, cfg.eval_batch_size)
+            val_acc = evaluate(model, td.clean, td.y_clean, cfg.eval_batch_size) if len(td.y_clean) else None
+            test_acc = evaluate(model, td.test, td.y_test, cfg.eval_batch_size) if len(td.y_test) else None
             seconds = pos["epoch_seconds"] + time.perf_counter() - t0
             line = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": pos["loss_sum"] / max(steps_per_epoch, 1),
                     "val_acc": val_acc, "test_acc": test_acc, "seconds": seconds}
@@ -416,6 +456,8 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                 line["zero_weight_batches"] = pos["zero_weight_batches"]
             if method.uses_meta_set and policy is method:
                 line.update(_weight_means(pos["weight_stats"]))
+                if pos["meta_idx"] is not None:
+                    line["meta_size"] = len(pos["meta_idx"])
             pos["metrics"].append(line)
             pos["train_seconds"] += seconds
             pos.update(epoch=epoch + 1, **_epoch_totals())
@@ -423,8 +465,8 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                 fh.write(json.dumps(line) + "\n")
             if progress:
                 tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {line['train_loss']:.4f}  "
-                           f"val {val_acc:6.2f}  test {test_acc:6.2f}  {seconds:5.1f}s")
-            if val_acc > pos["best_val"]:
+                           f"val {_pct(val_acc)}  test {_pct(test_acc)}  {seconds:5.1f}s")
+            if val_acc is not None and val_acc > pos["best_val"]:
                 pos["best_val"] = val_acc
                 atomic_save({"config": cfg.to_dict(), "epoch": epoch + 1, "val_acc": val_acc,
                              "model": model.state_dict()}, out / "best.pt")
@@ -434,6 +476,10 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
 
     if not is_main:
         return None
+    probs = predict_probs(model, td.train, cfg.eval_batch_size).cpu().numpy()  # (N, K), final model
+    np.save(out / "train_probs.npy", probs)
+    write_table(per_sample_table(records.state_dict(), td.y_observed.cpu().numpy(), td.indices, probs,
+                                 td.y_true, td.paths), out / "per_sample.csv")
     summary = summarize(cfg, pos["metrics"], td.noise_info, pos["train_seconds"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     summary["run_dir"] = str(out)
@@ -444,6 +490,32 @@ def _epoch_totals() -> dict:
     """The loop position within an epoch and its running totals, as at an epoch's start."""
     return {"batch": 0, "perm": None, "loss_sum": 0.0, "skipped": 0, "zero_weight_batches": 0,
             "epoch_seconds": 0.0, "weight_stats": torch.zeros(3, 2, dtype=torch.float64)}
+
+
+def _pseudo_meta_set(cfg: Config, model: nn.Module, td: TrainData, epoch: int) -> Tensor:
+    """meta_set=pseudo: confident training samples whose prediction agrees with their label (l2b._metaset)."""
+    probs = predict_probs(model, td.train, cfg.eval_batch_size)
+    idx = select_pseudo_meta(probs, td.y_observed, size=cfg.pseudo_size, confidence=cfg.meta_confidence)
+    if len(idx) == 0:
+        raise L2BError(f"no training sample is predicted with probability >= meta_confidence={cfg.meta_confidence} "
+                       f"and agrees with its label at epoch {epoch + 1}; lower --meta-confidence or warm up longer")
+    return idx
+
+
+def _save_data_record(out: Path, td: TrainData, data: ImageData) -> None:
+    """What `l2b labels`, `l2b predict` and `l2b eval` need besides the checkpoint."""
+    np.save(out / "train_indices.npy", td.indices)
+    if td.y_true is not None:
+        np.save(out / "true_labels.npy", td.y_true)
+    (out / "classes.json").write_text(json.dumps(list(data.classes)))
+    (out / "normalization.json").write_text(json.dumps({
+        "mean": td.mean.tolist(), "std": td.std.tolist(), "input_shape": list(data.x_train.shape[1:]),
+        "input_dtype": str(data.x_train.dtype), "scale": 255.0 if data.x_train.dtype == np.uint8 else 1.0,
+    }, indent=1))
+
+
+def _pct(acc: float | None) -> str:
+    return "   n/a" if acc is None else f"{acc:6.2f}"
 
 
 def _write_metrics(out: Path, metrics: list[dict]) -> None:
@@ -479,7 +551,9 @@ def _weight_means(stats: Tensor) -> dict:
 
 def summarize(cfg: Config, metrics: list[dict], noise_info: dict, train_seconds: float) -> dict:
     """The three accuracies of DESIGN §5: last epoch, at the best clean-validation epoch, max over epochs."""
-    best = max(metrics, key=lambda m: (m["val_acc"], -m["epoch"]))  # earliest epoch among ties
+    scored = [m for m in metrics if m["val_acc"] is not None]  # empty without a clean set
+    best = max(scored, key=lambda m: (m["val_acc"], -m["epoch"])) if scored else {"test_acc": None, "epoch": None}
+    tests = [m["test_acc"] for m in metrics if m["test_acc"] is not None]
     return {
         "method": cfg.method,
         "dataset": cfg.dataset,
@@ -491,6 +565,6 @@ def summarize(cfg: Config, metrics: list[dict], noise_info: dict, train_seconds:
         "test_acc_last": metrics[-1]["test_acc"],
         "test_acc_best_val": best["test_acc"],
         "best_val_epoch": best["epoch"],
-        "test_acc_max": max(m["test_acc"] for m in metrics),
+        "test_acc_max": max(tests) if tests else None,
         "train_seconds": round(train_seconds, 2),
     }

@@ -31,7 +31,7 @@ TRAIN_HELP = {
     "pretrained": "resnet18/resnet50: ImageNet weights from the local torch hub cache",
     "noise_rate": "fraction of training labels changed, in [0, 1)",
     "subset": "use N noisy training images (0 = all); the default keeps a run to minutes on 2 CPU cores",
-    "val_size": "clean (trusted) images carved from the training set, class-balanced (the clean set of the meta objective)",
+    "val_size": "clean (trusted) images carved from the training set, class-balanced; 0 = none (needs --meta-set pseudo)",
     "augment": "random crop + horizontal flip on the device",
     "epochs": "training epochs",
     "warmup_epochs": "epochs of plain cross-entropy before a meta method starts (Algorithm 1's warm-up)",
@@ -51,6 +51,11 @@ TRAIN_HELP = {
     "mixup_alpha": "mixup: Beta(a, a) of the mixing coefficient; 0 = no mixing (plain CE)",
     "meta_lr": "mwnet, mlc: Adam learning rate of the meta network",
     "meta_hidden": "mwnet, mlc: hidden units of the meta network",
+    "meta_set": "meta set of the meta-weights: clean (the clean set) or pseudo (confident training samples "
+                "whose prediction agrees with their label, picked after warm-up; no clean set needed)",
+    "pseudo_size": "size of the pseudo meta set (class-balanced where every class has enough samples)",
+    "meta_confidence": "floor on the predicted probability of a pseudo meta sample (each class gives its most confident agreeing samples)",
+    "meta_refresh": "rebuild the pseudo meta set every N epochs after warm-up",
     "eval_batch_size": "batch size of the per-epoch evaluation",
     "checkpoint_every": "epochs between checkpoints (checkpoint.pt, used by --resume)",
     "keep_checkpoints": "keep this many epoch checkpoints (1: only the latest)",
@@ -113,6 +118,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders containing them")
     report.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report for one RUN_DIR, else report)")
     report.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    labels = sub.add_parser("labels", help="rank a run's training labels by quality: RUN_DIR/label_issues.csv")
+    labels.add_argument("run_dir", metavar="RUN_DIR")
+    labels.add_argument("--threshold", type=float, default=0.5,
+                        help="flag a label when its label_quality is below this (default 0.5)")
+    labels.add_argument("--compare-cleanlab", action="store_true",
+                        help="also score cleanlab's find_label_issues on the same model (needs cleanlab)")
+
+    for name, text in (("predict", "class probabilities of a trained run on new data: predictions.csv"),
+                       ("eval", "accuracy and confusion matrix of a trained run on labelled data")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="folder of an `l2b train` run")
+        p.add_argument("--data", required=True, metavar="KIND:PATH", help="e.g. npz:test.npz (arrays x [, y])")
+        p.add_argument("--out", metavar="PATH",
+                       help="output file (default RUN_DIR/predictions.csv, RUN_DIR/confusion_matrix.png)")
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--batch-size", type=int, default=1000)
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
@@ -231,9 +252,9 @@ def format_summary(s: dict) -> str:
     return "\n".join([
         f"l2b train: {s['method']} on {s['dataset']}, noise {s['noise']} {100 * s['noise_rate']:.0f}% "
         f"(actual {rate}), {s['epochs']} epochs, seed {s['seed']}",
-        f"  test accuracy, last epoch           {s['test_acc_last']:6.2f}%",
-        f"  test accuracy, best clean-val epoch {s['test_acc_best_val']:6.2f}%  (epoch {s['best_val_epoch']})",
-        f"  test accuracy, max over epochs      {s['test_acc_max']:6.2f}%  (selected on the test set: paper-comparable only)",
+        f"  test accuracy, last epoch           {_pct(s['test_acc_last'])}",
+        f"  test accuracy, best clean-val epoch {_pct(s['test_acc_best_val'])}  (epoch {s['best_val_epoch']})",
+        f"  test accuracy, max over epochs      {_pct(s['test_acc_max'])}  (selected on the test set: paper-comparable only)",
         f"  training time                       {s['train_seconds']:.1f} s",
         f"  run folder                          {s['run_dir']}",
     ])
@@ -250,6 +271,65 @@ def _data(args) -> int:
     result = data_check(make_config(values, source=args.config or "command line"))
     print(json.dumps(result, indent=1) if args.json else format_data_check(result))
     return 0
+
+
+def _labels(args) -> int:
+    from ._labels import cleanlab_scores, label_issues_for_run
+
+    cleanlab = cleanlab_scores(args.run_dir) if args.compare_cleanlab else None  # fails early when missing
+    issues, result = label_issues_for_run(args.run_dir, threshold=args.threshold)
+    n = len(issues["index"])
+    print(f"l2b labels: {int(issues['is_label_issue'].sum())} of {n} labels flagged "
+          f"(label_quality < {args.threshold}); written to {args.run_dir}/label_issues.csv")
+    if result is not None:
+        rows = [("l2b", result)] + ([("cleanlab", cleanlab)] if cleanlab else [])
+        print(f"  against the truly flipped labels ({result['num_flipped']} of {n}):")
+        print(f"  {'':10s} {'flagged':>8s} {'precision':>10s} {'recall':>8s} {'AUROC':>7s}")
+        for name, r in rows:
+            print(f"  {name:10s} {r['num_flagged']:8d} {_num(r['precision']):>10s} {_num(r['recall']):>8s} "
+                  f"{_num(r['auroc']):>7s}")
+    return 0
+
+
+def _num(v) -> str:
+    return "n/a" if v is None or v != v else f"{v:.3f}"
+
+
+def _predict(args, evaluate: bool) -> int:
+    from pathlib import Path
+
+    import numpy as np
+
+    from ._labels import write_table
+    from ._predict import confusion_matrix, load_run_model, plot_confusion, prediction_table, read_data
+
+    rm = load_run_model(args.checkpoint, args.device)
+    data = read_data(args.data)
+    probs = rm.predict_proba(data.x, args.batch_size)
+    if not evaluate:
+        out = Path(args.out or Path(args.checkpoint) / "predictions.csv")
+        write_table(prediction_table(probs, rm.classes, data.paths), out)
+        print(f"l2b predict: {len(probs)} rows written to {out}")
+        return 0
+    if data.y is None:
+        raise L2BError(f"--data {args.data} has no labels (array 'y' or 'y_test'); `l2b eval` needs them")
+    if len(data.y) != len(probs) or (len(data.y) and (data.y.min() < 0 or data.y.max() >= rm.num_classes)):
+        raise L2BError(f"--data {args.data}: labels must be {len(probs)} integers in [0, {rm.num_classes})")
+    pred = probs.argmax(1)
+    cm = confusion_matrix(data.y, pred, rm.num_classes)
+    print(f"l2b eval: accuracy {100 * float(np.mean(pred == data.y)):.2f}% on {len(pred)} samples")
+    out = Path(args.out or Path(args.checkpoint) / "confusion_matrix.png")
+    out.with_suffix(".json").write_text(json.dumps({"classes": rm.classes, "confusion": cm.tolist(),
+                                                    "rows": "true class", "columns": "predicted class"}))
+    if plot_confusion(cm, rm.classes, out):
+        print(f"  confusion matrix: {out} (and {out.with_suffix('.json')})")
+    else:
+        print(f"  confusion matrix: {out.with_suffix('.json')} (no PNG: matplotlib is not installed)")
+    return 0
+
+
+def _pct(v) -> str:
+    return "   n/a " if v is None else f"{v:6.2f}%"
 
 
 def _bench(args) -> int:
@@ -301,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args)
         if args.command == "data":
             return _data(args)
+        if args.command == "labels":
+            return _labels(args)
+        if args.command in ("predict", "eval"):
+            return _predict(args, evaluate=args.command == "eval")
         build_parser().print_help()
         return 2
     except L2BError as exc:

@@ -1,0 +1,179 @@
+"""A trained run as a predictor: rebuild its model from the run folder, predict, evaluate.
+
+The model is rebuilt from ``config.yaml`` (``create_model(cfg.model, num_classes, in_channels)``),
+its weights from ``checkpoint.pt`` (loaded without running code), its input normalisation from
+``normalization.json``. Data come from a source spec ``KIND:PATH``; each kind is a reader in
+``SOURCES`` returning :class:`Arrays`, so new kinds plug in there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ._checkpoint import safe_load
+from ._config import load_yaml, make_config
+from ._errors import L2BError, check_choice
+from ._models import create_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Arrays", "RunModel", "SOURCES", "read_data", "load_run_model", "confusion_matrix"]
+
+
+@dataclass
+class Arrays:
+    """Inputs (N, ...) with optional labels (N,) and source files (N,)."""
+
+    x: np.ndarray
+    y: np.ndarray | None = None
+    paths: list[str] | None = None
+
+
+def read_npz(path: str) -> Arrays:
+    """An ``.npz`` with inputs under ``x`` (or ``x_test``) and optional labels under ``y`` (or ``y_test``)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            xk = next((k for k in ("x", "x_test") if k in keys), None)
+            if xk is None:
+                raise L2BError(f"{path}: no array named 'x' or 'x_test' (found: {', '.join(sorted(keys)) or 'none'})")
+            yk = {"x": "y", "x_test": "y_test"}[xk]
+            return Arrays(z[xk], z[yk].astype(np.int64) if yk in keys else None)
+    except (OSError, ValueError) as exc:
+        raise L2BError(f"cannot read {path} as .npz ({exc})") from None
+
+
+# kind -> reader(path) -> Arrays. folder: and csv: readers are expected from the data-set loaders.
+SOURCES = {"npz": read_npz}
+
+
+def read_data(spec: str) -> Arrays:
+    """Read ``KIND:PATH`` (e.g. ``npz:test.npz``) with the reader registered for KIND."""
+    kind, sep, path = spec.partition(":")
+    if not sep or not path:
+        raise L2BError(f"--data must be KIND:PATH with KIND one of {', '.join(sorted(SOURCES))}, got {spec!r}")
+    check_choice("data source", kind, SOURCES)
+    if not Path(path).exists():
+        raise L2BError(f"--data {spec}: {path} does not exist")
+    return SOURCES[kind](path)
+
+
+@dataclass
+class RunModel:
+    """A run's trained model with what its inputs need."""
+
+    model: nn.Module
+    mean: torch.Tensor  # (C,)
+    std: torch.Tensor  # (C,)
+    input_shape: tuple[int, ...]  # (C, H, W) the model was trained on
+    scale: float  # inputs stored as uint8 are divided by this (255), floats are used as given
+    classes: list[str]
+    device: torch.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def inputs(self, x: np.ndarray) -> torch.Tensor:
+        """Bring ``x`` to the training layout (N, C, H, W) and normalisation."""
+        x = _to_layout(np.asarray(x), self.input_shape)
+        t = torch.as_tensor(x).float()
+        if x.dtype == np.uint8:
+            t = t / self.scale
+        elif self.scale != 1.0 and len(t) and float(t.abs().max()) > 1.5:
+            log.warning("float inputs above 1.5 for a model trained on uint8 images: floats are taken as [0, 1]")
+        return (t - self.mean.view(1, -1, 1, 1)) / self.std.view(1, -1, 1, 1)
+
+    @torch.no_grad()
+    def predict_proba(self, x: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+        """Class probabilities (N, K) in eval mode."""
+        self.model.eval()
+        out = [torch.softmax(self.model(self.inputs(x[s : s + batch_size]).to(self.device)).float(), 1).cpu()
+               for s in range(0, len(x), batch_size)]
+        return torch.cat(out).numpy() if out else np.zeros((0, self.num_classes), np.float32)
+
+
+def _to_layout(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """(N, C, H, W) from (N, C, H, W), (N, H, W) [one channel], (N, H, W, C) or (N, D) [D x 1 x 1]."""
+    shape = tuple(shape)
+    if x.shape[1:] == shape:
+        return x
+    if x.ndim == 3 and shape[0] == 1 and x.shape[1:] == shape[1:]:
+        return x[:, None]
+    if x.ndim == 4 and x.shape[1:] == (shape[1], shape[2], shape[0]):
+        return x.transpose(0, 3, 1, 2)
+    if x.ndim == 2 and shape[1:] == (1, 1) and x.shape[1] == shape[0]:
+        return x.reshape(len(x), shape[0], 1, 1)
+    raise L2BError(f"inputs of shape {x.shape[1:]} per sample do not fit a model trained on {shape} "
+                   "(accepted: C,H,W / H,W,C / H,W for one channel / D for feature vectors)")
+
+
+def load_run_model(run_dir: str | Path, device: str = "cpu") -> RunModel:
+    """Rebuild a finished run's model: architecture from config.yaml, weights from checkpoint.pt."""
+    run = Path(run_dir)
+    for name in ("config.yaml", "checkpoint.pt", "normalization.json", "classes.json"):
+        if not (run / name).is_file():
+            raise L2BError(f"{run / name} not found: --checkpoint takes the folder of an `l2b train` run")
+    cfg = make_config(load_yaml(run / "config.yaml"), source=str(run / "config.yaml"))
+    norm = json.loads((run / "normalization.json").read_text())
+    classes = json.loads((run / "classes.json").read_text())
+    shape = tuple(norm["input_shape"])
+    model = create_model(cfg.model, num_classes=len(classes), in_channels=shape[0])
+    state = safe_load(run / "checkpoint.pt")
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise L2BError(f"{run / 'checkpoint.pt'}: weights do not fit model {cfg.model!r} "
+                       f"({str(exc).splitlines()[0]})") from None
+    dev = torch.device(device)
+    return RunModel(model.to(dev).eval(), torch.tensor(norm["mean"]), torch.tensor(norm["std"]), shape,
+                    float(norm.get("scale", 255.0)), classes, dev)
+
+
+def prediction_table(probs: np.ndarray, classes: list[str], paths: list[str] | None = None) -> dict:
+    """Columns of predictions.csv: index (or path), predicted class (and its name), prob per class."""
+    table = {"path": np.asarray(paths, dtype=object)} if paths is not None else {"index": np.arange(len(probs))}
+    pred = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+    table["predicted"] = pred
+    table["predicted_name"] = np.asarray(classes, dtype=object)[pred]
+    for k in range(probs.shape[1]):
+        table[f"prob_{k}"] = probs[:, k]
+    return table
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) counts, rows = true class, columns = predicted class."""
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, -1)
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> bool:
+    """Write the confusion matrix as a PNG; False (and nothing written) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    k = len(classes)
+    fig, ax = plt.subplots(figsize=(1 + 0.6 * k, 1 + 0.6 * k))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(k), classes, rotation=90)
+    ax.set_yticks(range(k), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7,
+                    color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
