@@ -210,3 +210,32 @@ def test_exact_weights_run_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         half = meta_weights(model, x, y, xv, yv).raw_alpha
     assert torch.corrcoef(torch.stack([full, half.float()]))[0, 1] > 0.9
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_weights_favour_clean_over_flipped_samples_on_a_controlled_problem(seed):
+    # three Gaussian classes in 10-D, 30% of the training labels flipped; after a short CE warm-up the
+    # observed-label weights of flipped samples must be lower than those of clean ones, and their
+    # pseudo-label weights higher (the model's own label is the better target for them)
+    g = torch.Generator().manual_seed(seed)
+    k, d, n, m = 3, 10, 240, 90
+    centers = 3.0 * torch.randn(k, d, generator=g, dtype=torch.float64)
+    y_true = torch.arange(n) % k
+    x = centers[y_true] + torch.randn(n, d, generator=g, dtype=torch.float64)
+    flipped = torch.zeros(n, dtype=torch.bool)
+    flipped[torch.randperm(n, generator=g)[: int(0.3 * n)]] = True
+    y = torch.where(flipped, (y_true + 1 + torch.randint(0, k - 1, (n,), generator=g)) % k, y_true)
+    yv = torch.arange(m) % k
+    xv = centers[yv] + torch.randn(m, d, generator=g, dtype=torch.float64)
+    torch.manual_seed(seed)
+    model = create_model("mlp", num_classes=k, in_features=d, hidden=32).to(torch.float64)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    for _ in range(30):  # warm-up: CE on the noisy labels, not long enough to memorise them
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    w = meta_weights(model, x, y, xv, yv, optimizer=opt)
+    assert w.alpha[flipped].mean() < 0.5 * w.alpha[~flipped].mean()
+    assert w.beta[flipped].mean() > w.alpha[flipped].mean()
+    l2rw = meta_weights(model, x, y, xv, yv, optimizer=opt, mode="beta0")
+    assert l2rw.alpha[flipped].mean() < 0.5 * l2rw.alpha[~flipped].mean()
