@@ -3,6 +3,8 @@
 import csv
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -140,6 +142,38 @@ def test_predict_and_eval_cli(run, tmp_path, capsys):
     cm = np.array(json.loads(cm_out.with_suffix(".json").read_text())["confusion"])
     assert cm.shape == (K, K) and cm.sum() == 37
     assert cm.trace() == int(np.sum(pred["predicted"] == y))
+
+
+def test_predict_and_eval_from_image_folder_and_csv(run, tmp_path, capsys):
+    Image = pytest.importorskip("PIL.Image")
+    x, y = _images(12, np.random.default_rng(4))
+    classes = ["low", "mid", "high"]
+    for i in range(12):  # folder:PATH with one sub-folder per class (the labels for eval)
+        (tmp_path / "imgs" / classes[y[i]]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x[i, 0]).save(tmp_path / "imgs" / classes[y[i]] / f"{i:02d}.png")
+    npz = tmp_path / "same.npz"
+    np.savez(npz, x=x[:, 0], y=y)
+    out_npz, out_dir = tmp_path / "p_npz.csv", tmp_path / "p_dir.csv"
+    assert cli.main(["predict", "--checkpoint", str(run), "--data", f"npz:{npz}", "--out", str(out_npz)]) == 0
+    assert cli.main(["predict", "--checkpoint", str(run), "--data", f"folder:{tmp_path / 'imgs'}",
+                     "--out", str(out_dir)]) == 0
+    from_dir, from_npz = read_table(out_dir), read_table(out_npz)
+    order = [int(Path(p).stem) for p in from_dir["path"]]  # files are read in sorted path order
+    np.testing.assert_allclose(np.asarray(from_dir["prob_0"], float), np.asarray(from_npz["prob_0"], float)[order],
+                               atol=1e-5)  # PNG round trip is lossless: same inputs, same outputs
+    capsys.readouterr()
+    assert cli.main(["eval", "--checkpoint", str(run), "--data", f"folder:{tmp_path / 'imgs'}",
+                     "--out", str(tmp_path / "cm.png")]) == 0
+    assert "on 12 samples" in capsys.readouterr().out
+    listing = tmp_path / "imgs" / "list.csv"
+    rows = [f"{classes[y[i]]}/{i:02d}.png,{classes[y[i]]}" for i in range(12)]
+    listing.write_text("path,label\n" + "\n".join(rows) + "\n")
+    assert cli.main(["eval", "--checkpoint", str(run), "--data", f"csv:{listing}",
+                     "--out", str(tmp_path / "cm2.png")]) == 0
+    assert "on 12 samples" in capsys.readouterr().out
+    listing.write_text("../../escape.png,low\n")
+    assert cli.main(["predict", "--checkpoint", str(run), "--data", f"csv:{listing}"]) == 2
+    assert "escapes the folder" in capsys.readouterr().err
 
 
 def test_predict_rejects_bad_inputs(run, tmp_path, capsys):

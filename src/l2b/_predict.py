@@ -50,19 +50,63 @@ def read_npz(path: str) -> Arrays:
         raise L2BError(f"cannot read {path} as .npz ({exc})") from None
 
 
-# kind -> reader(path) -> Arrays. folder: and csv: readers are expected from the data-set loaders.
-SOURCES = {"npz": read_npz}
+def read_folder(path: str, classes: list[str], image_size: int | None) -> Arrays:
+    """Every image file under ``path`` (recursively, sorted). When the files sit in sub-folders named
+    after the run's classes, those names are the labels (for `l2b eval`)."""
+    from ._datasets import IMAGE_SUFFIXES, decode_images
+
+    root = Path(path)
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise L2BError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    parents = [f.parent.name for f in files]
+    labelled = all(f.parent != root for f in files) and set(parents) <= set(classes)
+    y = np.asarray([classes.index(c) for c in parents], dtype=np.int64) if labelled else None
+    return Arrays(decode_images(files, image_size), y, [str(f) for f in files])
 
 
-def read_data(spec: str) -> Arrays:
-    """Read ``KIND:PATH`` (e.g. ``npz:test.npz``) with the reader registered for KIND."""
+def read_csv(path: str, classes: list[str], image_size: int | None) -> Arrays:
+    """Rows ``path[,label]`` (a header row is allowed), paths relative to the CSV's folder and never
+    outside it; labels are class indices or the run's class names."""
+    import csv
+
+    from ._datasets import _inside, decode_images
+
+    csv_path = Path(path)
+    with open(csv_path, newline="") as fh:
+        rows = [[c.strip() for c in r] for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    if rows and rows[0][0].lower() in ("path", "file", "filename", "image"):
+        rows = rows[1:]
+    if not rows:
+        raise L2BError(f"{csv_path}: no rows (expected path[,label])")
+    files = [_inside(csv_path.parent, r[0], csv_path) for r in rows]
+    y = None
+    if all(len(r) >= 2 and r[1] for r in rows):
+        names = [r[1] for r in rows]
+        if all(v in classes for v in names):
+            y = np.asarray([classes.index(v) for v in names], dtype=np.int64)
+        elif all(v.lstrip("-").isdigit() for v in names):
+            y = np.asarray([int(v) for v in names], dtype=np.int64)
+        else:
+            bad = next(v for v in names if v not in classes)
+            raise L2BError(f"{csv_path}: label {bad!r} is neither a class index nor one of {classes}")
+    return Arrays(decode_images(files, image_size), y, [str(f) for f in files])
+
+
+# kind -> reader(path, classes, image_size) -> Arrays
+SOURCES = {"npz": lambda path, classes, size: read_npz(path), "folder": read_folder, "csv": read_csv}
+
+
+def read_data(spec: str, classes: list[str] | None = None, image_size: int | None = None) -> Arrays:
+    """Read ``KIND:PATH`` (e.g. ``npz:test.npz``, ``folder:imgs``, ``csv:list.csv``) with the reader
+    registered for KIND; image files are decoded at ``image_size`` (the run's input size)."""
     kind, sep, path = spec.partition(":")
     if not sep or not path:
         raise L2BError(f"--data must be KIND:PATH with KIND one of {', '.join(sorted(SOURCES))}, got {spec!r}")
     check_choice("data source", kind, SOURCES)
     if not Path(path).exists():
         raise L2BError(f"--data {spec}: {path} does not exist")
-    return SOURCES[kind](path)
+    return SOURCES[kind](path, list(classes or []), image_size)
 
 
 @dataclass

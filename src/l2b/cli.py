@@ -304,7 +304,7 @@ def _predict(args, evaluate: bool) -> int:
     from ._predict import confusion_matrix, load_run_model, plot_confusion, prediction_table, read_data
 
     rm = load_run_model(args.checkpoint, args.device)
-    data = read_data(args.data)
+    data = read_data(args.data, rm.classes, rm.input_shape[-1] if len(rm.input_shape) == 3 else None)
     probs = rm.predict_proba(data.x, args.batch_size)
     if not evaluate:
         out = Path(args.out or Path(args.checkpoint) / "predictions.csv")
