@@ -402,7 +402,7 @@ def _normalize(raw: Tensor, normalize: str, temperature: float, all_reduce=None)
     w = torch.sigmoid(raw) if normalize == "sigmoid" else raw.clamp_min(0)  # eq. 13 / eq. 8
     total = reduce(w.sum(), "sum")
     # eq. 9, eps-guarded: a group with no positive weight gets all zeros, never 0/0
-    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.zeros_like(w))
+    return torch.where(total > 0, w / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(w))
 
 
 def _normalize_rows(raw: Tensor, normalize: str, temperature: float) -> Tensor:
@@ -411,4 +411,4 @@ def _normalize_rows(raw: Tensor, normalize: str, temperature: float) -> Tensor:
         return torch.softmax(raw / temperature, dim=1)
     w = torch.sigmoid(raw) if normalize == "sigmoid" else raw.clamp_min(0)
     total = w.sum(dim=1, keepdim=True)
-    return torch.where(total > 0, w / total.clamp_min(torch.finfo(w.dtype).tiny), torch.full_like(w, 0.5))
+    return torch.where(total > 0, w / torch.where(total > 0, total, torch.ones_like(total)), torch.full_like(w, 0.5))
