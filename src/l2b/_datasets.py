@@ -562,9 +562,8 @@ def load_folder(root: Path, cfg) -> ImageData:
 SPLIT_NAMES = {"train": "train", "val": "val", "clean": "val", "valid": "val", "validation": "val", "test": "test"}
 
 
-def load_csv(path: Path, cfg) -> ImageData:
-    """``csv:PATH``: rows ``path,label[,split]``, paths relative to the CSV's folder; labels are indices or
-    names; split is train, val (clean) or test. Without a split column a seeded 20% of rows is the test set."""
+def read_listing(path: Path, expected: str) -> list[list[str]]:
+    """The non-empty rows of a CSV listing of image files, cells stripped, without a header row."""
     try:
         with open(path, newline="") as fh:
             rows = [[c.strip() for c in r] for r in csv.reader(fh) if r and any(c.strip() for c in r)]
@@ -573,7 +572,14 @@ def load_csv(path: Path, cfg) -> ImageData:
     if rows and rows[0][0].lower() in ("path", "file", "filename", "image"):
         rows = rows[1:]
     if not rows:
-        raise L2BError(f"{path}: no rows (expected path,label[,split])")
+        raise L2BError(f"{path}: no rows (expected {expected})")
+    return rows
+
+
+def load_csv(path: Path, cfg) -> ImageData:
+    """``csv:PATH``: rows ``path,label[,split]``, paths relative to the CSV's folder; labels are indices or
+    names; split is train, val (clean) or test. Without a split column a seeded 20% of rows is the test set."""
+    rows = read_listing(path, "path,label[,split]")
     root = path.parent
     files, labels, split = [], [], []
     for i, r in enumerate(rows, 1):

@@ -68,17 +68,10 @@ def read_folder(path: str, classes: list[str], image_size: int | None) -> Arrays
 def read_csv(path: str, classes: list[str], image_size: int | None) -> Arrays:
     """Rows ``path[,label]`` (a header row is allowed), paths relative to the CSV's folder and never
     outside it; labels are class indices or the run's class names."""
-    import csv
-
-    from ._datasets import _inside, decode_images
+    from ._datasets import _inside, decode_images, read_listing
 
     csv_path = Path(path)
-    with open(csv_path, newline="") as fh:
-        rows = [[c.strip() for c in r] for r in csv.reader(fh) if r and any(c.strip() for c in r)]
-    if rows and rows[0][0].lower() in ("path", "file", "filename", "image"):
-        rows = rows[1:]
-    if not rows:
-        raise L2BError(f"{csv_path}: no rows (expected path[,label])")
+    rows = read_listing(csv_path, "path[,label]")
     files = [_inside(csv_path.parent, r[0], csv_path) for r in rows]
     y = None
     if all(len(r) >= 2 and r[1] for r in rows):
