@@ -36,7 +36,7 @@ def soft_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
 def _predict(model: nn.Module, images, batch_size: int = 1000) -> Tensor:
     """Softmax outputs (N, K) in eval mode (running BatchNorm statistics)."""
     model.eval()
-    out = [torch.softmax(model(images.batch(torch.arange(s, min(s + batch_size, len(images)), device=images.x.device))), 1)
+    out = [torch.softmax(model(images.batch(torch.arange(s, min(s + batch_size, len(images)), device=images.device))), 1)
            for s in range(0, len(images), batch_size)]
     return torch.cat(out)
 

@@ -30,6 +30,8 @@ class Config:
     val_size: int = 1000  # clean (trusted) images, class-balanced, disjoint from training; 0 = none (meta_set=pseudo)
     augment: bool = False  # random crop (pad 2) + horizontal flip, on the device
     balanced_batches: int = 0  # > 0: an epoch is this many class-balanced batches (Clothing1M: 250)
+    stream: bool = False  # image files (folder:, csv:, isic2019, clothing1m) decoded per batch, not held in memory; needs image_size
+    workers: int = 4  # --stream: DataLoader worker processes decoding images; 0 = in the training process
     # optimisation (paper: SGD momentum 0.9, weight decay 5e-4, cosine decay)
     epochs: int = 40
     warmup_epochs: int = 1  # epochs of plain cross-entropy before a meta method starts
@@ -102,6 +104,7 @@ _RANGES = {  # key: (lower bound, inclusive?, upper bound, inclusive?)
     "meta_lr": (0.0, False, None, None),
     "meta_hidden": (1, True, None, None),
     "nproc": (1, True, None, None),
+    "workers": (0, True, None, None),
 }
 CHOICES = {"meta_grad": ("exact", "fd"), "amp": ("off", "bf16", "fp16")}
 

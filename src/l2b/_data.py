@@ -47,6 +47,7 @@ class ImageData:
     name : str
     classes : list of str, length K
     x_train, x_test : np.ndarray, shape (N, C, H, W), uint8
+        Or, with ``--stream``, :class:`ImageFiles`: the files, decoded per batch.
     y_train, y_test : np.ndarray, shape (N,), int64
         True labels. Where the truth is unknown (real-world noise), y_train holds the given labels
         and ``noisy_train`` is set as well.
@@ -203,6 +204,17 @@ def balanced_clean_split(labels: np.ndarray, size: int, num_classes: int, rng: n
 
 # ---------------------------------------------------------------- batches on the device
 
+def _normalise(x: Tensor, scale: bool, mean: Tensor, std: Tensor, *, augment: bool, pad: int, flip: bool,
+               generator: torch.Generator | None, dtype) -> Tensor:
+    """The float batch (B, C, H, W) the model sees: [0, 1] scale (if ``scale``), augmentation, normalisation."""
+    x = x.to(dtype)
+    if scale:
+        x.div_(255.0)
+    if augment:
+        x = random_crop_flip(x, pad, flip, generator)
+    return (x - mean.to(dtype)) / std.to(dtype)
+
+
 class DeviceImages:
     """uint8 images on the training device, turned into normalised float batches on demand.
 
@@ -215,21 +227,169 @@ class DeviceImages:
         self.mean = mean.to(device).view(1, -1, 1, 1)
         self.std = std.to(device).view(1, -1, 1, 1)
 
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
     def __len__(self) -> int:
         return self.x.shape[0]
 
     def batch(self, idx: Tensor, *, augment: bool = False, pad: int = 2, flip: bool = True,
               generator: torch.Generator | None = None, dtype=torch.float32) -> Tensor:
-        x = self.x[idx].to(dtype)  # (B, C, H, W)
-        if self.x.dtype == torch.uint8:  # float inputs (feature vectors as (N, D, 1, 1)) are used as given
-            x.div_(255.0)
-        if augment:
-            x = random_crop_flip(x, pad, flip, generator)
-        return (x - self.mean.to(dtype)) / self.std.to(dtype)
+        # float inputs (feature vectors as (N, D, 1, 1)) are used as given
+        return _normalise(self.x[idx], self.x.dtype == torch.uint8, self.mean, self.std, augment=augment, pad=pad,
+                          flip=flip, generator=generator, dtype=dtype)
 
 
-def channel_stats(x: np.ndarray) -> tuple[Tensor, Tensor]:
-    """Per-channel mean and std of images (N, C, H, W): uint8 on the [0, 1] scale, floats as given."""
+class ImageFiles:
+    """Image files standing in for a uint8 array (N, C, size, size) that is never held in memory (``--stream``).
+
+    It has what the split and noise code reads from an array: ``len``, ``shape``, ``dtype``, ``ndim``,
+    indexing by an index array (another ImageFiles) and ``astype`` (decodes every file). ``decode(i)``
+    gives one image (C, size, size) exactly as the in-memory loader would (a grey file in a colour set
+    is repeated over the three channels).
+    """
+
+    dtype = np.dtype(np.uint8)
+    ndim = 4
+
+    def __init__(self, paths: list, size: int, channels: int):
+        self.paths, self.size, self.channels = list(paths), size, channels
+
+    @classmethod
+    def probe(cls, paths: list, size: int, sample: int = 1000, seed: int = 0) -> ImageFiles:
+        """The channel count from a seeded sample of up to ``sample`` files: 3 if any is in colour, else 1."""
+        pick = np.sort(np.random.default_rng(seed).choice(len(paths), min(sample, len(paths)), replace=False))
+        channels = max((cls(paths, size, 3)._decode(int(i)).shape[0] for i in pick), default=1)
+        return cls(paths, size, channels)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), self.channels, self.size, self.size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, idx) -> ImageFiles:
+        return ImageFiles([self.paths[int(i)] for i in np.asarray(idx).reshape(-1)], self.size, self.channels)
+
+    def concat(self, other: ImageFiles) -> ImageFiles:
+        assert (self.size, self.channels) == (other.size, other.channels)
+        return ImageFiles(self.paths + other.paths, self.size, self.channels)
+
+    def _decode(self, i: int) -> np.ndarray:
+        from ._datasets import _decode_one, _pil  # the one decoder of image files (it imports this module)
+
+        return _decode_one(_pil(), self.paths[i], self.size)
+
+    def decode(self, i: int) -> np.ndarray:
+        a = self._decode(i)  # (C, H, W) uint8
+        if a.shape[0] > self.channels:
+            raise L2BError(f"{self.paths[i]} is in colour, the sampled images of its split were grey; "
+                           "convert the images to one mode, or load without --stream")
+        return np.broadcast_to(a, (self.channels, *a.shape[1:]))
+
+    def sample(self, n: int, seed: int) -> np.ndarray:
+        """Up to ``n`` images (seeded, in file order; all of them when there are at most ``n``), uint8 (n, C, H, W)."""
+        pick = np.sort(np.random.default_rng(seed).choice(len(self), min(n, len(self)), replace=False))
+        return self[pick].astype(np.uint8)
+
+    def astype(self, dtype) -> np.ndarray:
+        out = np.empty(self.shape, dtype=np.uint8)
+        for i in range(len(self)):
+            out[i] = self.decode(i)
+        return out.astype(dtype, copy=False)
+
+
+def concat_images(a, b):
+    """Two image sets (arrays or ImageFiles) as one, in order."""
+    return a.concat(b) if isinstance(a, ImageFiles) else np.concatenate([a, b])
+
+
+class _FileDataset(torch.utils.data.Dataset):
+    """Decoded image ``i`` of an ImageFiles as a uint8 tensor (C, H, W); a user error comes back as its message."""
+
+    def __init__(self, files: ImageFiles):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        try:
+            return torch.from_numpy(np.ascontiguousarray(self.files.decode(i)))
+        except L2BError as exc:  # raised again in the training process as one line, not a worker traceback
+            return str(exc)
+
+
+class _OneRequest(torch.utils.data.Sampler):
+    """Batch sampler that yields the chunks of the batch asked for last (one DataLoader pass per batch)."""
+
+    def __init__(self):
+        self.chunks: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+
+class StreamingImages:
+    """Image files decoded per batch by a DataLoader with ``workers`` processes (Pillow), then made into
+    the same normalised float batches as :class:`DeviceImages` (same augmentation code, same interface).
+
+    The workers are persistent; each batch is split into one chunk per worker, and the chunks come back
+    in order, so a batch is the same for any number of workers. No randomness is drawn here.
+    """
+
+    def __init__(self, files: ImageFiles, device: torch.device, mean: Tensor, std: Tensor, *, workers: int = 4):
+        self.files, self._device, self.workers = files, torch.device(device), workers
+        self.mean = mean.to(device).view(1, -1, 1, 1)
+        self.std = std.to(device).view(1, -1, 1, 1)
+        self._request = _OneRequest()
+        self._loader = torch.utils.data.DataLoader(
+            _FileDataset(files), batch_sampler=self._request, num_workers=workers, collate_fn=list,
+            persistent_workers=workers > 0)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def decode(self, idx: Tensor) -> Tensor:
+        """uint8 images (B, C, H, W) of the indices ``idx`` (B,), on the CPU."""
+        ids = idx.cpu().tolist()
+        per = -(-len(ids) // max(self.workers, 1))
+        self._request.chunks = [ids[s : s + per] for s in range(0, len(ids), per)]
+        images = [im for chunk in self._loader for im in chunk]
+        for im in images:
+            if isinstance(im, str):
+                raise L2BError(im)
+        return torch.stack(images) if images else torch.zeros((0, *self.files.shape[1:]), dtype=torch.uint8)
+
+    def batch(self, idx: Tensor, *, augment: bool = False, pad: int = 2, flip: bool = True,
+              generator: torch.Generator | None = None, dtype=torch.float32) -> Tensor:
+        return _normalise(self.decode(idx).to(self._device), True, self.mean, self.std, augment=augment, pad=pad,
+                          flip=flip, generator=generator, dtype=dtype)
+
+
+def device_images(x, device: torch.device, mean: Tensor, std: Tensor, *, workers: int = 4):
+    """DeviceImages for an array, StreamingImages for ImageFiles."""
+    if isinstance(x, ImageFiles):
+        return StreamingImages(x, device, mean, std, workers=workers)
+    return DeviceImages(x, device, mean, std)
+
+
+def channel_stats(x: np.ndarray, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and std of images (N, C, H, W): uint8 on the [0, 1] scale, floats as given.
+
+    Over the first 10,000 images of an array; over a seeded sample of up to 1,000 of ImageFiles.
+    """
+    if isinstance(x, ImageFiles):
+        x = x.sample(1000, seed)
     xs = torch.as_tensor(x[: min(len(x), 10000)]).double()
     if x.dtype == np.uint8:
         xs.div_(255.0)

@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from ._data import ImageData, _fetch, balanced_clean_split, cache_dir, load_fashion_mnist
+from ._data import ImageData, ImageFiles, _fetch, balanced_clean_split, cache_dir, load_fashion_mnist
 from ._errors import L2BError, check_choice
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,16 @@ def decode_images(paths: list[Path], size: int | None) -> np.ndarray:
     return out
 
 
+def load_images(paths: list[Path], size: int | None, cfg) -> np.ndarray | ImageFiles:
+    """The images of ``paths``: decoded (uint8 (N, C, H, W)), or with ``cfg.stream`` the files, decoded per batch."""
+    if not getattr(cfg, "stream", False):
+        return decode_images(paths, size)
+    if size is None:
+        raise L2BError("--stream decodes images per batch, so they must share one size: pass --image-size N")
+    _pil()
+    return ImageFiles.probe(paths, size, seed=cfg.seed) if paths else ImageFiles([], size, 1)
+
+
 def _inside(root: Path, rel: str, listing: Path) -> Path:
     """``root / rel``, refusing a path that leaves ``root`` (absolute, ``..``, or a link out)."""
     path = (root / rel).resolve()
@@ -373,7 +383,7 @@ def load_isic2019(cfg) -> ImageData:
         split = isic_split(y, len(classes), cfg.seed)
     size = cfg.image_size or PAPER_IMAGE_SIZE
     files = [_inside(root, f"{ISIC_IMAGES}/{i}.jpg", root / ISIC_CSV) for i in ids]
-    x = decode_images(files, size)
+    x = load_images(files, size, cfg)
     part = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     return ImageData("isic2019", classes, x[part["train"]], y[part["train"]], x[part["test"]], y[part["test"]],
                      x_val=x[part["val"]], y_val=y[part["val"]], paths=[str(files[i]) for i in part["train"]],
@@ -436,7 +446,7 @@ def load_clothing1m(cfg) -> ImageData:
     to the root. Trains on the noisy labels (truth unknown), the clean val images are the clean set.
 
     All images are decoded into memory at --image-size (default 224): with ``--subset N`` only N
-    training images (seeded) are decoded. The paper's epoch of 250 class-balanced batches is
+    training images (seeded) are decoded; with ``--stream`` none are, they are decoded per batch. The paper's epoch of 250 class-balanced batches is
     ``--balanced-batches 250``.
     """
     root = _find_root(cfg, "clothing1m", "noisy_label_kv.txt", "Clothing1M")
@@ -458,7 +468,7 @@ def load_clothing1m(cfg) -> ImageData:
         y = np.asarray([kv[k] for k in keys], dtype=np.int64)
         _check_labels(y, len(CLOTHING1M_CLASSES), f"{source}: labels")
         files = [root / k for k in keys]
-        splits[name] = (decode_images(files, cfg.image_size or PAPER_IMAGE_SIZE), y, files)
+        splits[name] = (load_images(files, cfg.image_size or PAPER_IMAGE_SIZE, cfg), y, files)
     x_train, y_train, files = splits["train"]
     return ImageData("clothing1m", list(CLOTHING1M_CLASSES), x_train, y_train, splits["test"][0], splits["test"][1],
                      x_val=splits["val"][0], y_val=splits["val"][1], noisy_train=y_train.copy(),
@@ -553,7 +563,7 @@ def load_folder(root: Path, cfg) -> ImageData:
             files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
             paths += files
             labels += [index[d.name]] * len(files)
-        splits[s] = (decode_images(paths, cfg.image_size), np.asarray(labels, dtype=np.int64), paths)
+        splits[s] = (load_images(paths, cfg.image_size, cfg), np.asarray(labels, dtype=np.int64), paths)
     val = splits.get("val", (None, None, None))
     return ImageData(f"folder:{root}", classes, splits["train"][0], splits["train"][1], splits["test"][0],
                      splits["test"][1], x_val=val[0], y_val=val[1], paths=[str(p) for p in splits["train"][2]])
@@ -603,7 +613,7 @@ def load_csv(path: Path, cfg) -> ImageData:
         y = np.asarray([classes.index(v) for v in labels], dtype=np.int64)
     split = np.asarray(split) if split else np.where(
         np.random.default_rng(cfg.seed).random(len(rows)) < 0.2, "test", "train")
-    x = decode_images(files, cfg.image_size)
+    x = load_images(files, cfg.image_size, cfg)
     part = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
     has_val = part["val"].size > 0
     return ImageData(f"csv:{path}", classes, x[part["train"]], y[part["train"]], x[part["test"]], y[part["test"]],

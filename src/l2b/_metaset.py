@@ -28,7 +28,7 @@ def predict_probs(model: nn.Module, images: DeviceImages, batch_size: int) -> Te
     model.eval()
     out = []
     for start in range(0, len(images), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(images)), device=images.x.device)
+        idx = torch.arange(start, min(start + batch_size, len(images)), device=images.device)
         out.append(torch.softmax(model(images.batch(idx)).float(), 1))
     model.train(was_training)
     if not out:

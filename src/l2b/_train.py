@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import _datasets, _noise
 from ._checkpoint import atomic_save, rng_state, safe_load, set_rng_state
 from ._config import Config, make_config, save_yaml
-from ._data import DeviceImages, ImageData, balanced_clean_split, balanced_order, channel_stats
+from ._data import DeviceImages, ImageData, balanced_clean_split, balanced_order, channel_stats, concat_images, device_images
 from ._distributed import all_reduce_sum_, convert_sync_bn, setup, wrap
 from ._errors import Interrupted, L2BError
 from ._methods import CrossEntropy, PrepareContext, StepContext, create_method
@@ -96,24 +96,27 @@ def prepare_data(cfg: Config, data: ImageData, device: torch.device, trains_on_c
     indices = pool
     paths = [data.paths[i] for i in pool] if data.paths is not None else None
     if trains_on_clean:  # ce+clean: the clean images join the training set with their true labels
-        x_train = np.concatenate([x_train, x_clean])
+        x_train = concat_images(x_train, x_clean)
         y_obs = np.concatenate([y_obs, y_clean])
         flipped = np.concatenate([flipped, np.zeros(len(y_clean), dtype=bool)])
         y_true = np.concatenate([y_true, y_clean])
         indices = np.concatenate([pool, clean_idx if data.x_val is None else np.full(len(y_clean), -1)])
         paths = None
-    mean, std = channel_stats(x_train)
+    mean, std = channel_stats(x_train, seed=cfg.seed)
 
     def on_device(a):
         return torch.as_tensor(np.asarray(a, dtype=np.int64)).to(device)
 
+    def images(x):  # image files (--stream) are decoded per batch by DataLoader workers
+        return device_images(x, device, mean, std, workers=cfg.workers)
+
     return TrainData(
-        train=DeviceImages(x_train, device, mean, std),
+        train=images(x_train),
         y_observed=on_device(y_obs),
         flipped=torch.as_tensor(flipped).to(device) if known else None,
-        clean=DeviceImages(x_clean, device, mean, std),
+        clean=images(x_clean),
         y_clean=on_device(y_clean),
-        test=DeviceImages(data.x_test, device, mean, std),
+        test=images(data.x_test),
         y_test=on_device(data.y_test),
         num_classes=k,
         in_channels=data.x_train.shape[1],
