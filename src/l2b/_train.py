@@ -163,17 +163,12 @@ def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, images: DeviceImages, labels: Tensor, batch_size: int) -> float:
     """Accuracy in percent, in eval mode (running BatchNorm statistics); restores the mode after."""
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for start in range(0, len(images), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(images)), device=labels.device)
-        correct += (model(images.batch(idx)).argmax(1) == labels[idx]).sum().item()
-    model.train(was_training)
-    return 100.0 * correct / max(len(images), 1)
+    if len(images) == 0:
+        return 0.0
+    predicted = predict_probs(model, images, batch_size).argmax(1).to(labels.device)
+    return 100.0 * (predicted == labels).sum().item() / len(images)
 
 
 class SampleRecords:
@@ -457,7 +452,6 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                 line["skipped_steps"] = pos["skipped"]
             if method.uses_meta_set and policy is method:
                 line["zero_weight_batches"] = pos["zero_weight_batches"]
-            if method.uses_meta_set and policy is method:
                 line.update(_weight_means(pos["weight_stats"]))
                 if pos["meta_idx"] is not None:
                     line["meta_size"] = len(pos["meta_idx"])
