@@ -2,8 +2,13 @@
 
 import copy
 import os
+import shutil
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -12,17 +17,19 @@ import torch.nn.functional as F
 from torch import nn
 
 import l2b
+from l2b._checkpoint import safe_load
 from l2b._distributed import average_tensors, strip_nproc
 from l2b._methods import StepContext, create_method
 
 WORLD = 2
 N, M, STEPS = 12, 8, 3  # global batch, global clean batch
-CASES = [  # (method, normalize, meta_grad)
-    ("l2b", "sum", "exact"),
-    ("l2b", "softmax", "exact"),
-    ("l2rw", "sum", "exact"),
-    ("l2b-convex", "sum", "exact"),
-    ("l2b", "sum", "fd"),
+CASES = [  # (method, normalize, meta_grad, fuse_forward: the real forward through DDP carries the tangent)
+    ("l2b", "sum", "exact", True),
+    ("l2b", "softmax", "exact", True),
+    ("l2rw", "sum", "exact", True),
+    ("l2b-convex", "sum", "exact", True),
+    ("l2b", "sum", "exact", False),
+    ("l2b", "sum", "fd", True),
 ]
 
 
@@ -41,7 +48,7 @@ def _batches():
 
 def _train(case, rank=0, world=1, wrap=lambda m: m):
     """STEPS real steps of ``case`` on this rank's shard; returns (weights per step, final parameters)."""
-    method_name, normalize, meta_grad = case
+    method_name, normalize, meta_grad, fuse = case
     module = _net()
     model = wrap(module)
     opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
@@ -51,7 +58,8 @@ def _train(case, rank=0, world=1, wrap=lambda m: m):
         n, m = N // world, M // world
         x, y = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
         xv, yv = xv[rank * m : (rank + 1) * m], yv[rank * m : (rank + 1) * m]
-        ctx = StepContext(opt, lambda: (xv, yv), 1, 4, module=module, world_size=world, meta_grad=meta_grad)
+        ctx = StepContext(opt, lambda: (xv, yv), 1, 4, module=module, world_size=world, meta_grad=meta_grad,
+                          fuse_forward=fuse)
         result = method.step(model, x, y, ctx)
         opt.zero_grad()
         result.loss.backward()
@@ -127,3 +135,55 @@ def test_cli_nproc_2_writes_one_run_folder(tmp_path, monkeypatch):
     assert len(runs) == 1, runs  # rank 1 wrote nothing
     assert {"config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt"} <= {p.name for p in runs[0].iterdir()}
     assert len((runs[0] / "metrics.jsonl").read_text().splitlines()) == 1  # one writer, one line per epoch
+
+
+def _l2b(*args):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    src = str(Path(l2b.__file__).parents[1])  # the launched ranks import this checkout
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "l2b", *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory, tiny_fmnist):
+    """An uninterrupted 2-rank run with augmentation (per-rank random streams) and a checkpoint per epoch."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    done = _l2b("train", "--out", str(out), "--data-dir", str(tiny_fmnist), "--subset", "300", "--val-size", "100",
+                "--batch-size", "32", "--val-batch-size", "20", "--epochs", "3", "--warmup-epochs", "1",
+                "--eval-batch-size", "300", "--augment", "--keep-checkpoints", "4", "--nproc", "2",
+                "--device", "cpu", "--quiet")
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_ddp_per_sample_records_cover_every_rank(ddp_run):
+    table = np.genfromtxt(ddp_run / "per_sample.csv", delimiter=",", names=True)
+    n_train = len(table)
+    steps = n_train // 32
+    # 2 meta epochs after the 1-epoch warm-up, every full global batch recorded once per epoch
+    assert table["meta_steps"].sum() == 2 * steps * 32
+    assert (table["meta_steps"] > 0).mean() > 0.9  # not only rank 0's half
+    recorded = table["meta_steps"] > 0
+    assert np.allclose(table["alpha_mean"][recorded].mean() + table["beta_mean"][recorded].mean(), 1.0, atol=0.05)
+
+
+def test_ddp_resume_from_an_epoch_checkpoint_is_bit_identical(ddp_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(ddp_run, run)
+    shutil.copyfile(run / "checkpoint-epoch0001.pt", run / "checkpoint.pt")  # as if stopped after epoch 1
+    done = _l2b("train", "--resume", str(run), "--quiet")
+    assert done.returncode == 0, done.stderr
+    ref, got = safe_load(ddp_run / "checkpoint.pt"), safe_load(run / "checkpoint.pt")
+    for k in ref["model"]:
+        assert torch.equal(ref["model"][k], got["model"][k]), k  # bit-identical, not merely close
+    assert (run / "per_sample.csv").read_text() == (ddp_run / "per_sample.csv").read_text()
+    assert len(got["ranks"]) == 2
+
+
+def test_ddp_checkpoint_resumed_by_another_world_size_is_refused(ddp_run, tmp_path):
+    from l2b.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(ddp_run, run)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("nproc: 2", "nproc: 1"))
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2  # one process, two ranks' states: one clear line

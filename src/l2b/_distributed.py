@@ -8,7 +8,12 @@ starts K processes; each trains on its shard of every global batch. The meta ste
 - the JVP is local (per-sample quantities need no communication);
 - the weights are normalised over the global batch (`all_reduce_scalar`: one sum, or a max and a sum);
 - the real step runs through DistributedDataParallel with the loss times the world size, since
-  DDP averages gradients while the weighted loss is a sum over the global batch.
+  DDP averages gradients while the weighted loss is a sum over the global batch; its forward carries
+  the JVP's tangent, as in one process.
+
+The trainer gathers each step's per-sample records (`all_gather_columns`), so every rank's records and
+the run's per_sample.csv cover the whole training set, and checkpoints hold every rank's random
+states (`gather_objects`), so a resumed data-parallel run continues as the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from ._errors import L2BError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "setup", "teardown", "average_tensors", "all_reduce_scalar", "all_reduce_sum_", "launch"]
+__all__ = ["DistInfo", "setup", "teardown", "average_tensors", "all_reduce_scalar", "all_gather_columns",
+           "gather_objects", "agree_on_step", "launch"]
 
 
 @dataclass(frozen=True)
@@ -98,15 +104,45 @@ def all_reduce_scalar(t: Tensor, op: str) -> Tensor:
     return out
 
 
-def all_reduce_sum_(t: Tensor) -> Tensor:
-    """In-place sum over ranks (statistics such as weight sums per clean/flipped group)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        on_gpu = dist.get_backend() == "nccl" and t.device.type != "cuda"  # nccl reduces CUDA tensors only
-        buf = t.to(torch.device("cuda", torch.cuda.current_device())) if on_gpu else t
-        dist.all_reduce(buf)
-        if on_gpu:
-            t.copy_(buf)
-    return t
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def all_gather_columns(columns: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Each (n,) column concatenated over the ranks in rank order, in one message (same n on every rank).
+
+    The per-sample records of a step (indices, labels, weights): afterwards every rank holds the
+    global batch's, as one process would. Integers travel as float64, exact below 2**53.
+    """
+    world = _world()
+    if world == 1:
+        return columns
+    stacked = torch.stack([c.detach().to(torch.float64) for c in columns])  # (columns, n)
+    parts = [torch.empty_like(stacked) for _ in range(world)]
+    dist.all_gather(parts, stacked)
+    full = torch.cat(parts, dim=1)
+    return tuple(full[i].to(c.dtype) for i, c in enumerate(columns))
+
+
+def gather_objects(obj) -> list | None:
+    """``obj`` of every rank, in rank order (a collective: all ranks call it); None in one process."""
+    if _world() == 1:
+        return None
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def agree_on_step(finite: bool, signum: int | None, device: torch.device) -> tuple[bool, int | None]:
+    """(every rank's loss is finite, the signal any rank received): all ranks then take the same branch.
+
+    A rank that skipped its backward or stopped alone would leave the others waiting in an all-reduce.
+    """
+    if _world() == 1:
+        return finite, signum
+    flags = torch.tensor([0 if finite else 1, signum or 0], dtype=torch.int64, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return bool(flags[0] == 0), int(flags[1]) or None
 
 
 def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:

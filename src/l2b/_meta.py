@@ -158,11 +158,7 @@ def meta_weights(
             raise L2BError(f"{name} must have shape ({inputs.shape[0]},), got {tuple(labels.shape)}")
         if labels.dtype != torch.long:
             raise L2BError(f"{name} must be int64 class indices, got {labels.dtype}")
-    reduce_direction = all_reduce = None
-    if distributed:
-        from ._distributed import all_reduce_scalar, average_tensors
-
-        reduce_direction, all_reduce = average_tensors, all_reduce_scalar
+    reduce_direction, all_reduce = _reducers(distributed)
     raw_alpha, raw_beta, pseudo = raw_meta_weights(model, x, y, x_val, y_val, optimizer=optimizer,
                                                    reduce_direction=reduce_direction, meta_grad=meta_grad,
                                                    logits=logits)
@@ -189,22 +185,34 @@ def raw_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, reduce_direct
 
 
 def weighted_forward(model, x, y, x_val, y_val, *, optimizer=None, mode="l2b", normalize="sum",
-                     temperature=10.0, reduce_direction=None, reduce_weights=None):
+                     temperature=10.0, distributed=False, wrapper=None):
     """The training step's forward: (MetaWeights, logits (n, K) with their autograd graph).
 
     Equal to ``meta_weights`` followed by ``model(x)``, one forward cheaper: the real forward (the
     one that moves BatchNorm running statistics, in the model's current mode) carries the tangent
     along v, so the same pass yields the logits to backpropagate and the 2n inner products.
-    ``reduce_weights`` (data parallel) replaces the normalisation by a global one.
+    ``wrapper`` (e.g. DistributedDataParallel around ``model``) runs that real forward, so its
+    gradient hooks see the backward; the clean pass always uses ``model`` itself. ``distributed``
+    as in :func:`meta_weights`.
     """
+    reduce_direction, all_reduce = _reducers(distributed)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with meta_mode(model):
         direction = clean_direction(model, x_val, y_val, params, optimizer, reduce_direction)
-    logits, tangent = dual_forward(model, x, params, direction)
+    logits, tangent = dual_forward(wrapper or model, x, params, direction)
     raw, pseudo = loss_tangents(logits.detach(), tangent, y)
-    normalizer = reduce_weights or normalize_weights
-    alpha, beta = normalizer(raw[0], raw[1], mode=mode, normalize=normalize, temperature=temperature)
+    alpha, beta = normalize_weights(raw[0], raw[1], mode=mode, normalize=normalize, temperature=temperature,
+                                    all_reduce=all_reduce)
     return MetaWeights(alpha, beta, pseudo, raw[0], raw[1]), logits
+
+
+def _reducers(distributed: bool):
+    """(reduce_direction, all_reduce) for data-parallel training, (None, None) in one process."""
+    if not distributed:
+        return None, None
+    from ._distributed import all_reduce_scalar, average_tensors
+
+    return average_tensors, all_reduce_scalar
 
 
 def clean_direction(model, x_val, y_val, params, optimizer, reduce_direction=None) -> dict[str, Tensor]:
@@ -220,10 +228,12 @@ def clean_direction(model, x_val, y_val, params, optimizer, reduce_direction=Non
 def dual_forward(model, x, params, direction) -> tuple[Tensor, Tensor]:
     """One forward with parameters theta + dual part v: (logits, d logits / dt along v), each (n, K).
 
-    The logits keep the reverse-mode graph to the parameters; the tangent is detached.
+    The logits keep the reverse-mode graph to the parameters; the tangent is detached. ``model`` may
+    wrap the module that ``params`` are named after (DDP's "module." prefix): they are matched by identity.
     """
+    names = {id(p): n for n, p in model.named_parameters()}
     with fwAD.dual_level():
-        dual = {n: fwAD.make_dual(p, direction[n]) for n, p in params.items()}
+        dual = {names[id(p)]: fwAD.make_dual(p, direction[n]) for n, p in params.items()}
         logits, tangent = fwAD.unpack_dual(functional_call(model, dual, (x,)))
     return logits, tangent.detach()
 

@@ -39,7 +39,9 @@ class StepContext:
     module: nn.Module | None = None
     world_size: int = 1
     meta_grad: str = "exact"
-    reuse_forward: bool = True  # fd may take f(theta) from the real forward (False under SyncBatchNorm)
+    # the real forward may carry the meta pass (exact: the tangent; fd: f(theta)); False under
+    # SyncBatchNorm (no forward-mode derivative, cross-rank statistics) and torch.compile
+    fuse_forward: bool = True
 
 
 @dataclass
@@ -164,20 +166,19 @@ class MetaReweight:
 
     def step(self, model, x, y, ctx):
         x_val, y_val = ctx.next_clean()
-        fd = ctx.meta_grad == "fd"
-        if ctx.module in (None, model) and not fd:
-            # one process, exact: meta_weights(...) and the real forward model(x) in one pass
-            w, logits = weighted_forward(model, x, y, x_val, y_val, optimizer=ctx.optimizer, mode=self.mode,
-                                         normalize=self.normalize, temperature=self.temperature)
+        module = ctx.module or model  # the meta passes never go through DDP / torch.compile
+        options = dict(optimizer=ctx.optimizer, mode=self.mode, normalize=self.normalize,
+                       temperature=self.temperature, distributed=ctx.world_size > 1)
+        if ctx.fuse_forward and ctx.meta_grad == "exact":
+            # meta_weights(...) and the real forward model(x) in one pass (through DDP's wrapper if any)
+            w, logits = weighted_forward(module, x, y, x_val, y_val, wrapper=model, **options)
+        elif ctx.meta_grad == "fd":  # fd reads f(theta) off the real forward
+            logits = model(x)
+            w = meta_weights(module, x, y, x_val, y_val, meta_grad="fd",
+                             logits=logits.detach() if ctx.fuse_forward else None, **options)
         else:
-            # DDP or torch.compile wrap the real forward, or fd: the meta passes run on the plain module
-            logits = model(x) if fd else None  # fd reads f(theta) off the real forward
-            w = meta_weights(ctx.module or model, x, y, x_val, y_val, optimizer=ctx.optimizer, mode=self.mode,
-                             normalize=self.normalize, temperature=self.temperature, meta_grad=ctx.meta_grad,
-                             distributed=ctx.world_size > 1,
-                             logits=logits.detach() if fd and ctx.reuse_forward else None)
-            if logits is None:
-                logits = model(x)  # (n, K), the real forward
+            w = meta_weights(module, x, y, x_val, y_val, **options)
+            logits = model(x)  # (n, K), the real forward
         f = F.cross_entropy(logits, y, reduction="none")
         g = F.cross_entropy(logits, w.pseudo, reduction="none")
         alpha, beta = w.alpha, w.beta

@@ -27,7 +27,7 @@ from . import _datasets, _noise
 from ._checkpoint import atomic_save, rng_state, safe_load, set_rng_state
 from ._config import Config, make_config, save_yaml
 from ._data import DeviceImages, ImageData, balanced_clean_split, balanced_order, channel_stats, concat_images, device_images
-from ._distributed import all_reduce_sum_, convert_sync_bn, setup, wrap
+from ._distributed import agree_on_step, all_gather_columns, convert_sync_bn, gather_objects, setup, wrap
 from ._errors import Interrupted, L2BError
 from ._methods import CrossEntropy, PrepareContext, StepContext, create_method
 from ._labels import per_sample_table, write_table
@@ -181,14 +181,15 @@ class SampleRecords:
         self.count, self.disagree = z(torch.int64), z(torch.int64)
         self.last_pseudo, self.last_prob = torch.full((n,), -1, dtype=torch.int64, device=device), z(torch.float32)
 
-    def update(self, idx: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, pseudo: Tensor, logits: Tensor) -> None:
+    def update(self, idx: Tensor, y: Tensor, alpha: Tensor, beta: Tensor, pseudo: Tensor, prob: Tensor) -> None:
+        """A step's samples: indices, observed labels, weights, pseudo-labels and their probabilities, each (n,)."""
         batch = len(idx)  # weights are stored times the batch size: 1 = an average sample's share
         self.alpha_sum[idx] += alpha.double() * batch
         self.beta_sum[idx] += beta.double() * batch
         self.count[idx] += 1
         self.disagree[idx] += (pseudo != y).long()
         self.last_pseudo[idx] = pseudo
-        self.last_prob[idx] = torch.softmax(logits.detach().float(), 1).gather(1, pseudo[:, None])[:, 0]
+        self.last_prob[idx] = prob
 
     def state_dict(self) -> dict:
         return dict(vars(self))
@@ -291,6 +292,8 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     method = create_method(cfg.method, **cfg.to_dict())  # each method takes the keys it reads
     dist_info, device = setup(resolve_device(cfg.device))  # a single process unless launched by torchrun
     is_main, rank, world = dist_info.is_main, dist_info.rank, dist_info.world_size  # only rank 0 writes files
+    if cfg.nproc != world:  # launched by torchrun: the run records (and checks batch sizes for) its world size
+        cfg = make_config({**cfg.to_dict(), "nproc": world}, source=f"torchrun with {world} processes")
     if resume is None:
         # before any data is read: a bad --out fails fast; other ranks get a name they never write to
         out = new_run_dir(cfg) if is_main else Path(f"<rank {rank} writes no files>")
@@ -347,16 +350,19 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
             pos["meta_idx"] = pos["meta_idx"].to(device)
             clean_source = CyclingBatches(len(pos["meta_idx"]), cfg.val_batch_size, torch.Generator())
             clean_source.load_state_dict(state["clean_source"])
-        _write_metrics(out, pos["metrics"])  # drop lines of an epoch that had not reached its checkpoint
+        if is_main:
+            _write_metrics(out, pos["metrics"])  # drop lines of an epoch that had not reached its checkpoint
 
     def checkpoint(path: Path) -> None:
+        # under DDP a collective (every rank's random states travel to rank 0); only rank 0 writes
+        ranks = gather_objects({"rng": rng_state(), "aug_gen": aug_gen.get_state()})
         if not is_main:
             return
         atomic_save({
             "config": cfg.to_dict(), "position": pos, "model": model.state_dict(),
             "optimizer": optimizer.state_dict(), "order_gen": order_gen.get_state(),
             "clean_source": clean_source.state_dict(), "records": records.state_dict(), "rng": rng_state(),
-            "method": method.state_dict() if hasattr(method, "state_dict") else None,
+            "method": method.state_dict() if hasattr(method, "state_dict") else None, "ranks": ranks,
         }, path)
 
     # the real forward goes through torch.compile and DDP; the meta passes use the plain module
@@ -364,6 +370,13 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     if world > 1 and state is None:
         torch.manual_seed(cfg.seed + rank)  # per-rank seed offset (dropout and the like)
     aug_gen = order_gen if world == 1 else torch.Generator().manual_seed(cfg.seed + 1 + 1000 * rank)
+    if state is not None and (world > 1 or state.get("ranks")):
+        saved = state.get("ranks") or [None]
+        if len(saved) != world:
+            raise L2BError(f"the checkpoint was written by {len(saved)} process(es), this run has {world}; "
+                           f"resume it with --nproc {len(saved)}")
+        set_rng_state(saved[rank]["rng"])  # each rank's own dropout and augmentation streams
+        aug_gen.set_state(saved[rank]["aug_gen"])
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
@@ -404,10 +417,11 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                 x = td.train.batch(idx, augment=cfg.augment, generator=aug_gen).contiguous(memory_format=layout)
                 y = td.y_observed[idx]
                 ctx = StepContext(optimizer, next_clean, epoch, td.num_classes, module=model, world_size=world,
-                                  meta_grad=cfg.meta_grad, reuse_forward=not (cfg.sync_bn or cfg.compile))
+                                  meta_grad=cfg.meta_grad, fuse_forward=not (cfg.sync_bn or cfg.compile))
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     result = policy.step(train_model, x, y, ctx)
-                if torch.isfinite(result.loss):
+                finite, received = agree_on_step(bool(torch.isfinite(result.loss)), signals.received, device)
+                if finite:
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(result.loss).backward()
                     if cfg.grad_clip > 0:
@@ -417,12 +431,16 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                     scaler.update()
                     pos["loss_sum"] += result.loss.item()
                     if result.alpha is not None:
-                        records.update(idx, y, result.alpha, result.beta, result.pseudo, result.logits)
-                        if not (result.alpha.sum() + result.beta.sum()) > 0:  # no sample helps the clean loss
+                        prob = torch.softmax(result.logits.detach().float(), 1).gather(1, result.pseudo[:, None])[:, 0]
+                        # under DDP every rank records the global batch, as one process would
+                        g_idx, g_y, alpha, beta, pseudo, prob = all_gather_columns(
+                            (idx, y, result.alpha, result.beta, result.pseudo, prob))
+                        records.update(g_idx, g_y, alpha, beta, pseudo, prob)
+                        if not (alpha.sum() + beta.sum()) > 0:  # no sample helps the clean loss
                             pos["zero_weight_batches"] += 1
                             log.info("epoch %d, step %d: all meta-weights are zero", epoch + 1, pos["step"])
                         if td.flipped is not None:
-                            _accumulate_weight_stats(pos["weight_stats"], td.flipped[idx].cpu(), result.alpha.cpu(), result.beta.cpu())
+                            _accumulate_weight_stats(pos["weight_stats"], td.flipped[g_idx].cpu(), alpha.cpu(), beta.cpu())
                 elif cfg.on_nan == "skip":
                     pos["skipped"] += 1
                     log.warning("non-finite loss at epoch %d, step %d: step skipped", epoch + 1, pos["step"])
@@ -433,15 +451,17 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                                    "Lower --lr, set --grad-clip, or pass --on-nan skip")
                 pos["step"] += 1
                 pos["batch"] = b + 1
-                if signals.received is not None:
+                if received is not None:
                     pos["epoch_seconds"] += time.perf_counter() - t0
                     checkpoint(out / "checkpoint.pt")
-                    code = 130 if signals.received == signal.SIGINT else 143
+                    code = 130 if received == signal.SIGINT else 143
                     raise Interrupted(f"stopped by signal at epoch {epoch + 1}, step {pos['step']}; "
                                       f"resume with: l2b train --resume {out}", code)
-            all_reduce_sum_(pos["weight_stats"])  # clean/flipped weight means over all ranks' samples
-            if not is_main:  # ranks > 0 neither evaluate nor write
+            checkpoint_due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
+            if not is_main:  # ranks > 0 neither evaluate nor write; they join the checkpoint's gather
                 pos.update(epoch=epoch + 1, **_epoch_totals())
+                if checkpoint_due:
+                    checkpoint(out / "checkpoint.pt")
                 continue
             val_acc = evaluate(model, td.clean, td.y_clean, cfg.eval_batch_size) if len(td.y_clean) else None
             test_acc = evaluate(model, td.test, td.y_test, cfg.eval_batch_size) if len(td.y_test) else None
@@ -467,7 +487,7 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
                 pos["best_val"] = val_acc
                 atomic_save({"config": cfg.to_dict(), "epoch": epoch + 1, "val_acc": val_acc,
                              "model": model.state_dict()}, out / "best.pt")
-            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+            if checkpoint_due:
                 checkpoint(out / "checkpoint.pt")
                 _keep_history(out, epoch + 1, cfg.keep_checkpoints)
 

@@ -181,7 +181,14 @@ def _train(args, argv: list[str]) -> int:
     if args.resume:
         if flags or args.config:
             raise L2BError("--resume continues a run with its saved config; give no other training options")
-        summary = train(None, resume=args.resume, progress=not args.quiet)
+        saved = Path(args.resume) / "config.yaml"
+        nproc = int((load_yaml(str(saved)) if saved.is_file() else {}).get("nproc", 1) or 1)
+        if nproc > 1 and not launched():  # a data-parallel run resumes with as many processes
+            return launch(nproc, argv)
+        try:
+            summary = train(None, resume=args.resume, progress=not args.quiet)
+        finally:
+            teardown()
     else:
         values = load_yaml(args.config) if args.config else {}
         values.update(flags)
