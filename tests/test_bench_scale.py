@@ -19,6 +19,14 @@ def test_bench_epoch_counts_whole_batches():
         bench_epoch(num_images=16, batch_size=8, image_shape=(1, 8, 8), methods=("nope",))
 
 
+def test_bench_epoch_times_registered_methods_with_their_prepare_hooks():
+    # glc, mlc and distill need their prepare() (corruption matrix, meta network, teacher) to step at all
+    r = bench_epoch(num_images=32, batch_size=16, val_batch_size=8, image_shape=(1, 8, 8), num_clean=20,
+                    methods=("l2rw", "mlc", "glc", "distill"), augment=False)
+    assert set(r["seconds"]) == {"data", "l2rw", "mlc", "glc", "distill"}
+    assert all(v > 0 for v in r["seconds"].values())
+
+
 def test_bench_weights_compares_with_exact_float32():
     r = bench_weights(batch_size=16, val_batch_size=8, image_shape=(1, 8, 8), train_steps=2)
     fd = r["results"]["fd_fp32"]

@@ -4,20 +4,26 @@
 double-backward reference. The steps run interleaved in one process on the same model and batches,
 so machine noise hits them alike; the ratios, not the absolute times, are the result.
 
-``epoch``: images per second of a whole training epoch per method (plain CE, L2B exact, L2B fd)
-over random data of a given shape held on the device as uint8, as the trainer holds its data,
-plus the cost of making the batches alone (the data pipeline).
+``epoch``: images per second of a whole training epoch per method (plain CE, L2B exact, L2B fd, or
+any registered method by name: l2rw, mlc, mwnet, ...) over random data of a given shape held on the
+device as uint8, as the trainer holds its data, plus the cost of making the batches alone (the data
+pipeline).
+
+Every timed step is the method's own ``step`` (the trainer's code) followed by the trainer's update
+(backward, clipping at 5, SGD); only the reference is assembled here.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from ._meta import meta_weights, weighted_forward
+from ._meta import meta_weights
+from ._methods import PrepareContext, StepContext, create_method, list_methods
 from ._models import create_model
 from ._data import DeviceImages
 from ._errors import L2BError
@@ -54,36 +60,29 @@ def _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, 
         scaler.step(opt)
         scaler.update()
 
-    def weighted_loss(logits, y, alpha, beta, pseudo):
-        return (alpha * F.cross_entropy(logits, y, reduction="none")
-                + beta * F.cross_entropy(logits, pseudo, reduction="none")).sum()
+    def method_step(name: str, meta_grad: str = "exact"):
+        method = create_method(name)
 
-    def ce_step(x, y, xv, yv):
-        with autocast():
-            loss = F.cross_entropy(net(x), y)
-        finish(loss)
+        def step(x, y, xv, yv):  # as the trainer does it (the L2B family: the real forward carries the tangent)
+            ctx = StepContext(opt, lambda: (xv, yv), 1, num_classes, module=net, meta_grad=meta_grad)
+            with autocast():
+                loss = method.step(net, x, y, ctx).loss
+            finish(loss)
 
-    def l2b_step(x, y, xv, yv):  # as the trainer does it: the real forward carries the tangent
-        with autocast():
-            w, logits = weighted_forward(net, x, y, xv, yv, optimizer=opt)
-            loss = weighted_loss(logits, y, w.alpha, w.beta, w.pseudo)
-        finish(loss)
-
-    def fd_step(x, y, xv, yv):
-        with autocast():
-            logits = net(x)  # the real forward, reused as f(theta) (as the trainer does)
-            w = meta_weights(net, x, y, xv, yv, optimizer=opt, meta_grad="fd", logits=logits.detach())
-            loss = weighted_loss(logits, y, w.alpha, w.beta, w.pseudo)
-        finish(loss)
+        step.method = method
+        return step
 
     def reference_step(x, y, xv, yv):
         with autocast():
             alpha, beta, pseudo = reference_meta_weights(net, x, y, xv, yv, optimizer=opt)[:3]
-            loss = weighted_loss(net(x), y, alpha, beta, pseudo)
+            logits = net(x)
+            loss = (alpha * F.cross_entropy(logits, y, reduction="none")
+                    + beta * F.cross_entropy(logits, pseudo, reduction="none")).sum()
         finish(loss)
 
-    kinds = {"ce": ce_step, "l2b_exact": l2b_step, "l2b_fd": fd_step, "reference_double_backward": reference_step}
-    return dev, net, layout, kinds
+    kinds = {"ce": method_step("ce"), "l2b_exact": method_step("l2b"), "l2b_fd": method_step("l2b", "fd"),
+             "reference_double_backward": reference_step}
+    return dev, net, layout, kinds, method_step
 
 
 def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_size: int = 100,
@@ -91,8 +90,8 @@ def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_siz
                steps: int = 20, warmup: int = 3, seed: int = 0, amp: str = "off",
                channels_last: bool = False, reference: bool = True) -> dict:
     """Median seconds per training step of each kind, and their ratios to plain CE."""
-    dev, net, layout, kinds = _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, amp,
-                                     channels_last, seed)
+    dev, net, layout, kinds, _ = _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, amp,
+                                        channels_last, seed)
     if not reference:
         kinds.pop("reference_double_backward")
     x = torch.randn(batch_size, *image_shape, device=dev).contiguous(memory_format=layout)
@@ -146,18 +145,25 @@ def format_step_table(result: dict) -> str:
 def bench_epoch(*, model: str = "small-cnn", num_images: int = 10000, batch_size: int = 128,
                 val_batch_size: int = 100, image_shape=(3, 32, 32), num_classes: int = 10,
                 num_clean: int = 1000, device: str = "cpu", amp: str = "off", channels_last: bool = False,
-                methods=("ce", "l2b_exact", "l2b_fd"), augment: bool = True, seed: int = 0) -> dict:
+                methods=("ce", "l2b_exact", "l2b_fd"), augment: bool = True, seed: int = 0,
+                repeats: int = 1) -> dict:
     """Seconds and images/second of one whole epoch (num_images // batch_size steps) per method.
 
     Data are random uint8 images on the device, batches made as the trainer makes them (index
     gather, float conversion, normalisation, random crop + flip when ``augment``); a short warm-up
     of 2 steps per method (cuDNN autotuning, allocator) is not timed. "data" is the batch making alone.
+    ``methods`` may name the built-in kinds (ce, l2b_exact, l2b_fd, reference_double_backward) or any
+    registered method; a method's preliminary stage (GLC's stage 1, a distillation teacher) is not
+    run: its ``prepare`` gets a no-op fit, since only the per-epoch cost is measured. With ``repeats``
+    > 1 the methods' epochs run round-robin that many times and each reports its median, so a drift
+    in machine speed hits all methods alike.
     """
-    dev, net, layout, kinds = _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, amp,
-                                     channels_last, seed)
-    unknown = set(methods) - set(kinds)
+    dev, net, layout, kinds, method_step = _setup(model, batch_size, val_batch_size, image_shape, num_classes,
+                                                  device, amp, channels_last, seed)
+    unknown = set(methods) - set(kinds) - set(list_methods())
     if unknown:
-        raise L2BError(f"unknown bench method(s) {sorted(unknown)}; choose from {', '.join(kinds)}")
+        raise L2BError(f"unknown bench method(s) {sorted(unknown)}; choose from {', '.join(kinds)} "
+                       f"or a method: {', '.join(list_methods())}")
     g = torch.Generator().manual_seed(seed)
     mean, std = torch.full((image_shape[0],), 0.5), torch.full((image_shape[0],), 0.25)
     train = DeviceImages(torch.randint(0, 256, (num_images, *image_shape), dtype=torch.uint8, generator=g).numpy(),
@@ -190,9 +196,18 @@ def bench_epoch(*, model: str = "small-cnn", num_images: int = 10000, batch_size
         _sync(dev)
         return time.perf_counter() - t0
 
-    seconds = {"data": timed(lambda *b: None)}
+    data = SimpleNamespace(train=train, clean=clean, y_observed=y_train, y_clean=y_clean, num_classes=num_classes)
+    new_model = lambda: create_model(model, num_classes=num_classes, in_channels=image_shape[0]).to(dev)  # noqa: E731
+    steps_of = {"data": lambda *b: None}
     for name in methods:
-        seconds[name] = timed(kinds[name])
+        step = steps_of[name] = kinds.get(name) or method_step(name)
+        if hasattr(step, "method") and hasattr(step.method, "prepare"):
+            step.method.prepare(PrepareContext(None, data, dev, new_model, lambda *a, **k: None))
+    times = {name: [] for name in steps_of}
+    for _ in range(max(repeats, 1)):
+        for name, step in steps_of.items():
+            times[name].append(timed(step))
+    seconds = {name: statistics.median(v) for name, v in times.items()}
     return {
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "threads": torch.get_num_threads(),
@@ -204,6 +219,7 @@ def bench_epoch(*, model: str = "small-cnn", num_images: int = 10000, batch_size
         "amp": amp,
         "channels_last": channels_last,
         "augment": augment,
+        "repeats": max(repeats, 1),
         "seconds": seconds,
         "images_per_second": {k: steps * batch_size / v for k, v in seconds.items()},
     }
@@ -228,7 +244,7 @@ def bench_weights(*, model: str = "small-cnn", batch_size: int = 128, val_batch_
     Reports Pearson correlation and sign agreement of the raw weights, and the relative L1 error
     of the normalised weights (sum |w - w_exact| / sum |w_exact|).
     """
-    dev, net, layout, _ = _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, "off",
+    dev, net, layout, _, _ = _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, "off",
                                  False, seed)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 

@@ -153,7 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench_sub.choices["step"].add_argument("--steps", type=int, default=20, help="timed steps per kind (median)")
     bench_sub.choices["step"].add_argument("--no-reference", action="store_true", help="skip the slow double backward")
     bench_sub.choices["epoch"].add_argument("--num-images", type=int, default=10000, help="images per epoch")
-    bench_sub.choices["epoch"].add_argument("--methods", default="ce,l2b_exact,l2b_fd", help="comma-separated")
+    bench_sub.choices["epoch"].add_argument(
+        "--methods", default="ce,l2b_exact,l2b_fd",
+        help="comma-separated: ce, l2b_exact, l2b_fd, reference_double_backward, or any method (l2rw, mlc, ...)")
+    bench_sub.choices["epoch"].add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                                            help="random crop + flip on the device, as --augment in training")
+    bench_sub.choices["epoch"].add_argument("--repeats", type=int, default=1,
+                                            help="epochs per method, run round-robin; the median is reported")
     data_bench = bench_sub.add_parser("data", help="cost of feeding a Fashion-MNIST epoch vs a plain CE epoch")
     data_bench.add_argument("--data-dir", default=None)
     data_bench.add_argument("--subset", type=int, default=3000, help="images per epoch")
@@ -363,7 +369,8 @@ def _bench(args) -> int:
         table = bench.format_step_table
     elif args.bench_command == "epoch":
         result = bench.bench_epoch(**common, num_images=args.num_images, channels_last=args.channels_last,
-                                   methods=tuple(m for m in args.methods.split(",") if m))
+                                   methods=tuple(m for m in args.methods.split(",") if m), augment=args.augment,
+                                   repeats=args.repeats)
         table = bench.format_epoch_table
     else:
         result = bench.bench_weights(**common)
