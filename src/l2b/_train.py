@@ -27,9 +27,9 @@ from . import _datasets, _noise
 from ._checkpoint import atomic_save, rng_state, safe_load, set_rng_state
 from ._config import Config, make_config, save_yaml
 from ._data import DeviceImages, ImageData, balanced_clean_split, balanced_order, channel_stats, concat_images, device_images
-from ._distributed import agree_on_step, all_gather_columns, convert_sync_bn, gather_objects, setup, wrap
+from ._distributed import DistInfo, agree_on_step, all_gather_columns, convert_sync_bn, gather_objects, setup, wrap
 from ._errors import Interrupted, L2BError
-from ._methods import CrossEntropy, PrepareContext, StepContext, create_method
+from ._methods import CrossEntropy, Method, PrepareContext, StepContext, create_method
 from ._labels import per_sample_table, write_table
 from ._metaset import predict_probs, select_pseudo_meta
 from ._models import create_model
@@ -284,6 +284,81 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     data set (the estimator's arrays); ``model`` replaces ``create_model(cfg.model, ...)`` with a
     given, freshly initialised module (trained in place).
     """
+    run = _start(cfg, resume, data, model)
+    cfg, pos = run.cfg, run.pos
+    run.model.train()
+    with _StopSignals() as signals:
+        while pos["epoch"] < cfg.epochs:
+            t0 = time.perf_counter()
+            policy, order = _begin_epoch(run)
+            bar = tqdm(range(pos["batch"], run.steps_per_epoch), desc=f"epoch {pos['epoch'] + 1}/{cfg.epochs}",
+                       leave=False, disable=not progress)
+            for b in bar:
+                received = _step(run, policy, order, b, signals.received)
+                if received is not None:
+                    pos["epoch_seconds"] += time.perf_counter() - t0
+                    run.checkpoint(run.out / "checkpoint.pt")
+                    code = 130 if received == signal.SIGINT else 143
+                    raise Interrupted(f"stopped by signal at epoch {pos['epoch'] + 1}, step {pos['step']}; "
+                                      f"resume with: l2b train --resume {run.out}", code)
+            _end_epoch(run, policy, t0, progress)
+    return _finish(run) if run.dist.is_main else None
+
+
+@dataclass
+class _Run:
+    """A run between two steps: its set-up, and everything its checkpoint holds besides the config."""
+
+    cfg: Config
+    method: Method
+    td: TrainData
+    out: Path  # the run folder (only rank 0 writes)
+    dist: DistInfo
+    device: torch.device
+    model: nn.Module  # the network: meta passes, evaluation, checkpoints
+    train_model: nn.Module  # the same network as the real forward sees it (DDP, torch.compile)
+    optimizer: torch.optim.SGD
+    scaler: torch.amp.GradScaler  # fp16 only; a no-op otherwise
+    order_gen: torch.Generator  # epoch permutations: the same on every rank
+    aug_gen: torch.Generator  # augmentation: the order generator in one process, per rank under DDP
+    clean_source: CyclingBatches  # the clean (or pseudo meta) set's batches
+    records: SampleRecords
+    pos: dict  # loop position and running totals (see _epoch_totals)
+    steps_per_epoch: int
+    batch_size: int  # global; each rank takes batch_size // world_size of it
+
+    @property
+    def layout(self) -> torch.memory_format:
+        return torch.channels_last if self.cfg.channels_last else torch.contiguous_format
+
+    def next_clean(self) -> tuple[Tensor, Tensor]:
+        """This rank's shard of the next clean batch: (x_val (m, C, H, W), y_val (m,))."""
+        idx = self.clean_source.next().to(self.device)
+        shard = len(idx) // self.dist.world_size
+        idx = idx[self.dist.rank * shard : (self.dist.rank + 1) * shard]
+        images, labels = self.td.clean, self.td.y_clean
+        if self.pos["meta_idx"] is not None:  # meta_set=pseudo: the batch comes from the training set
+            idx = self.pos["meta_idx"][idx]
+            images, labels = self.td.train, self.td.y_observed
+        x_val = images.batch(idx, augment=self.cfg.augment, generator=self.aug_gen)
+        return x_val.contiguous(memory_format=self.layout), labels[idx]
+
+    def checkpoint(self, path: Path) -> None:
+        # under DDP a collective (every rank's random states travel to rank 0); only rank 0 writes
+        ranks = gather_objects({"rng": rng_state(), "aug_gen": self.aug_gen.get_state()})
+        if not self.dist.is_main:
+            return
+        atomic_save({
+            "config": self.cfg.to_dict(), "position": self.pos, "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "order_gen": self.order_gen.get_state(),
+            "clean_source": self.clean_source.state_dict(), "records": self.records.state_dict(),
+            "rng": rng_state(), "ranks": ranks,
+            "method": self.method.state_dict() if hasattr(self.method, "state_dict") else None,
+        }, path)
+
+
+def _start(cfg: Config | None, resume, data: ImageData | None, model: nn.Module | None) -> _Run:
+    """Set-up: config (or the checkpoint's), process group, run folder, data, model, optimizer, sources."""
     state = None
     if resume is not None:
         out = Path(resume)
@@ -291,24 +366,18 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
         cfg = make_config(state["config"], source=str(out / "checkpoint.pt"))
     method = create_method(cfg.method, **cfg.to_dict())  # each method takes the keys it reads
     dist_info, device = setup(resolve_device(cfg.device))  # a single process unless launched by torchrun
-    is_main, rank, world = dist_info.is_main, dist_info.rank, dist_info.world_size  # only rank 0 writes files
+    world = dist_info.world_size
     if cfg.nproc != world:  # launched by torchrun: the run records (and checks batch sizes for) its world size
         cfg = make_config({**cfg.to_dict(), "nproc": world}, source=f"torchrun with {world} processes")
     if resume is None:
         # before any data is read: a bad --out fails fast; other ranks get a name they never write to
-        out = new_run_dir(cfg) if is_main else Path(f"<rank {rank} writes no files>")
+        out = new_run_dir(cfg) if dist_info.is_main else Path(f"<rank {dist_info.rank} writes no files>")
     data = load_dataset(cfg) if data is None else data
     td = prepare_data(cfg, data, device, method.trains_on_clean)
-    pseudo_meta = method.uses_meta_set and cfg.meta_set == "pseudo"
-    if method.uses_meta_set and not pseudo_meta and len(td.y_clean) == 0:
+    if method.uses_meta_set and cfg.meta_set != "pseudo" and len(td.y_clean) == 0:
         raise L2BError(f"method {cfg.method!r} needs a clean set: set val_size > 0 or meta_set=pseudo")
-    if resume is None and is_main:
-        save_yaml(cfg, out / "config.yaml")
-        (out / "noise.json").write_text(json.dumps(td.noise_info, indent=1))
-        np.save(out / "noisy_labels.npy", td.y_observed.cpu().numpy())
-        for name, text in data.files.items():  # e.g. the seeded ISIC2019 split
-            (out / name).write_text(text)
-        _save_data_record(out, td, data)
+    if resume is None and dist_info.is_main:
+        _write_run_files(out, cfg, td, data)
 
     torch.manual_seed(cfg.seed)
     if model is None:
@@ -321,17 +390,18 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     order_gen = torch.Generator().manual_seed(cfg.seed + 1)  # epoch permutations and augmentation
-    clean_source = CyclingBatches(len(td.y_clean), cfg.val_batch_size, torch.Generator().manual_seed(cfg.seed + 2))
-    records = SampleRecords(len(td.y_observed), device)
     n_train = len(td.y_observed)
     batch_size = min(cfg.batch_size, n_train)
-    # the last partial batch is dropped (BatchNorm needs > 1); or a fixed number of class-balanced batches
-    steps_per_epoch = cfg.balanced_batches or n_train // batch_size
-    local_batch = batch_size // world  # each rank's shard of the global batch
-    total_steps = steps_per_epoch * cfg.epochs
-    # loop position and running totals: everything a checkpoint must hold besides the modules
-    pos = {"epoch": 0, "step": 0, "train_seconds": 0.0, "metrics": [], "best_val": -1.0, **_epoch_totals(),
-           "meta_idx": None}  # meta_set=pseudo: the training samples the meta batches come from
+    run = _Run(
+        cfg, method, td, out, dist_info, device, model, model, optimizer,
+        torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"), order_gen, order_gen,
+        CyclingBatches(len(td.y_clean), cfg.val_batch_size, torch.Generator().manual_seed(cfg.seed + 2)),
+        SampleRecords(n_train, device),
+        # everything a checkpoint must hold besides the modules; meta_idx: meta_set=pseudo's samples
+        {"epoch": 0, "step": 0, "train_seconds": 0.0, "metrics": [], "best_val": -1.0, **_epoch_totals(),
+         "meta_idx": None},
+        # the last partial batch is dropped (BatchNorm needs > 1); or a fixed number of class-balanced batches
+        cfg.balanced_batches or n_train // batch_size, batch_size)
     if hasattr(method, "prepare"):  # a method's own stage (teacher, GLC stage 1) or meta network
         t0 = time.perf_counter()
         new_model = lambda: create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels).to(device)  # noqa: E731
@@ -339,168 +409,170 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
         method.prepare(PrepareContext(cfg, td, device, new_model, fit, state.get("method") if state else None))
         log.info("%s: preparation took %.1fs", cfg.method, time.perf_counter() - t0)
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        order_gen.set_state(state["order_gen"])
-        clean_source.load_state_dict(state["clean_source"])
-        records.load_state_dict({k: v.to(device) for k, v in state["records"].items()})
-        set_rng_state(state["rng"])
-        pos = state["position"]
-        if pos.get("meta_idx") is not None:  # the cycling source walks the pseudo meta set
-            pos["meta_idx"] = pos["meta_idx"].to(device)
-            clean_source = CyclingBatches(len(pos["meta_idx"]), cfg.val_batch_size, torch.Generator())
-            clean_source.load_state_dict(state["clean_source"])
-        if is_main:
-            _write_metrics(out, pos["metrics"])  # drop lines of an epoch that had not reached its checkpoint
-
-    def checkpoint(path: Path) -> None:
-        # under DDP a collective (every rank's random states travel to rank 0); only rank 0 writes
-        ranks = gather_objects({"rng": rng_state(), "aug_gen": aug_gen.get_state()})
-        if not is_main:
-            return
-        atomic_save({
-            "config": cfg.to_dict(), "position": pos, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "order_gen": order_gen.get_state(),
-            "clean_source": clean_source.state_dict(), "records": records.state_dict(), "rng": rng_state(),
-            "method": method.state_dict() if hasattr(method, "state_dict") else None, "ranks": ranks,
-        }, path)
-
+        _restore(run, state)
     # the real forward goes through torch.compile and DDP; the meta passes use the plain module
-    train_model = wrap(torch.compile(model) if cfg.compile else model, dist_info, device)
-    if world > 1 and state is None:
-        torch.manual_seed(cfg.seed + rank)  # per-rank seed offset (dropout and the like)
-    aug_gen = order_gen if world == 1 else torch.Generator().manual_seed(cfg.seed + 1 + 1000 * rank)
+    run.train_model = wrap(torch.compile(model) if cfg.compile else model, dist_info, device)
+    if world > 1:
+        if state is None:
+            torch.manual_seed(cfg.seed + dist_info.rank)  # per-rank seed offset (dropout and the like)
+        run.aug_gen = torch.Generator().manual_seed(cfg.seed + 1 + 1000 * dist_info.rank)
     if state is not None and (world > 1 or state.get("ranks")):
         saved = state.get("ranks") or [None]
         if len(saved) != world:
             raise L2BError(f"the checkpoint was written by {len(saved)} process(es), this run has {world}; "
                            f"resume it with --nproc {len(saved)}")
-        set_rng_state(saved[rank]["rng"])  # each rank's own dropout and augmentation streams
-        aug_gen.set_state(saved[rank]["aug_gen"])
+        set_rng_state(saved[dist_info.rank]["rng"])  # each rank's own dropout and augmentation streams
+        run.aug_gen.set_state(saved[dist_info.rank]["aug_gen"])
+    return run
+
+
+def _restore(run: _Run, state: dict) -> None:
+    """Load a checkpoint's modules, generators, records and loop position into a freshly set-up run."""
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.order_gen.set_state(state["order_gen"])
+    run.clean_source.load_state_dict(state["clean_source"])
+    run.records.load_state_dict({k: v.to(run.device) for k, v in state["records"].items()})
+    set_rng_state(state["rng"])
+    run.pos = state["position"]
+    if run.pos.get("meta_idx") is not None:  # the cycling source walks the pseudo meta set
+        run.pos["meta_idx"] = run.pos["meta_idx"].to(run.device)
+        run.clean_source = CyclingBatches(len(run.pos["meta_idx"]), run.cfg.val_batch_size, torch.Generator())
+        run.clean_source.load_state_dict(state["clean_source"])
+    if run.dist.is_main:
+        _write_metrics(run.out, run.pos["metrics"])  # drop lines of an epoch that had not reached its checkpoint
+
+
+def _begin_epoch(run: _Run) -> tuple[Method, Tensor]:
+    """The epoch's policy (cross-entropy during warm-up) and its sample order (global batch after batch)."""
+    cfg, pos, epoch = run.cfg, run.pos, run.pos["epoch"]
+    policy = CrossEntropy() if (run.method.warmup_with_ce and epoch < cfg.warmup_epochs) else run.method
+    if (run.method.uses_meta_set and cfg.meta_set == "pseudo" and pos["batch"] == 0
+            and epoch >= cfg.warmup_epochs and (epoch - cfg.warmup_epochs) % cfg.meta_refresh == 0):
+        pos["meta_idx"] = _pseudo_meta_set(cfg, run.model, run.td, epoch)
+        run.clean_source = CyclingBatches(len(pos["meta_idx"]), cfg.val_batch_size,
+                                          torch.Generator().manual_seed(cfg.seed + 2 + epoch))
+    if pos["perm"] is None:
+        n_train = len(run.td.y_observed)
+        pos["perm"] = (balanced_order(run.td.y_observed.cpu(), run.steps_per_epoch, run.batch_size, run.order_gen)
+                       if cfg.balanced_batches else torch.randperm(n_train, generator=run.order_gen))
+    return policy, pos["perm"].to(run.device)
+
+
+def _step(run: _Run, policy: Method, order: Tensor, b: int, signum: int | None) -> int | None:
+    """One optimizer step on global batch ``b`` of ``order``; returns the signal the ranks agreed to stop on."""
+    cfg, td, pos, optimizer = run.cfg, run.td, run.pos, run.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = cosine_lr(pos["step"], run.steps_per_epoch * cfg.epochs, cfg.lr)
+    rank, world = run.dist.rank, run.dist.world_size
+    local = run.batch_size // world  # this rank's shard of the global batch
+    idx = order[b * run.batch_size + rank * local : b * run.batch_size + (rank + 1) * local]
+    x = td.train.batch(idx, augment=cfg.augment, generator=run.aug_gen).contiguous(memory_format=run.layout)
+    y = td.y_observed[idx]
+    ctx = StepContext(optimizer, run.next_clean, pos["epoch"], td.num_classes, module=run.model, world_size=world,
+                      meta_grad=cfg.meta_grad, fuse_forward=not (cfg.sync_bn or cfg.compile))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    layout = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    with torch.autocast(run.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        result = policy.step(run.train_model, x, y, ctx)
+    finite, received = agree_on_step(bool(torch.isfinite(result.loss)), signum, run.device)
+    if finite:
+        optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(result.loss).backward()
+        if cfg.grad_clip > 0:
+            run.scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        run.scaler.step(optimizer)
+        run.scaler.update()
+        pos["loss_sum"] += result.loss.item()
+        if result.alpha is not None:
+            _record_weights(run, idx, y, result)
+    elif cfg.on_nan == "skip":
+        pos["skipped"] += 1
+        log.warning("non-finite loss at epoch %d, step %d: step skipped", pos["epoch"] + 1, pos["step"])
+    else:  # checkpoint.pt stays as it was: the state at the last checkpoint, before the fault
+        last = (f"the last good checkpoint is {run.out / 'checkpoint.pt'}" if (run.out / "checkpoint.pt").exists()
+                else "no checkpoint had been written yet")
+        raise L2BError(f"loss became {result.loss.item()} at epoch {pos['epoch'] + 1}, step {pos['step']}; {last}. "
+                       "Lower --lr, set --grad-clip, or pass --on-nan skip")
+    pos["step"] += 1
+    pos["batch"] = b + 1
+    return received
 
-    def next_clean():
-        idx = clean_source.next().to(device)
-        idx = idx[rank * (len(idx) // world) : (rank + 1) * (len(idx) // world)]  # this rank's shard
-        if pos["meta_idx"] is not None:  # meta_set=pseudo: the batch comes from the training set
-            idx = pos["meta_idx"][idx]
-            x_val = td.train.batch(idx, augment=cfg.augment, generator=aug_gen)
-            return x_val.contiguous(memory_format=layout), td.y_observed[idx]
-        x_val = td.clean.batch(idx, augment=cfg.augment, generator=aug_gen)
-        return x_val.contiguous(memory_format=layout), td.y_clean[idx]
 
-    ce = CrossEntropy()
-    model.train()
-    with _StopSignals() as signals:
-        while pos["epoch"] < cfg.epochs:
-            epoch = pos["epoch"]
-            t0 = time.perf_counter()
-            policy = ce if (method.warmup_with_ce and epoch < cfg.warmup_epochs) else method
-            if (pseudo_meta and pos["batch"] == 0 and epoch >= cfg.warmup_epochs
-                    and (epoch - cfg.warmup_epochs) % cfg.meta_refresh == 0):
-                pos["meta_idx"] = _pseudo_meta_set(cfg, model, td, epoch)
-                clean_source = CyclingBatches(len(pos["meta_idx"]), cfg.val_batch_size,
-                                              torch.Generator().manual_seed(cfg.seed + 2 + epoch))
-            if pos["perm"] is None:
-                pos["perm"] = (balanced_order(td.y_observed.cpu(), steps_per_epoch, batch_size, order_gen)
-                               if cfg.balanced_batches else torch.randperm(n_train, generator=order_gen))
-            perm = pos["perm"].to(device)
-            bar = tqdm(range(pos["batch"], steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                       leave=False, disable=not progress)
-            for b in bar:
-                lr = cosine_lr(pos["step"], total_steps, cfg.lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                idx = perm[b * batch_size + rank * local_batch : b * batch_size + (rank + 1) * local_batch]
-                x = td.train.batch(idx, augment=cfg.augment, generator=aug_gen).contiguous(memory_format=layout)
-                y = td.y_observed[idx]
-                ctx = StepContext(optimizer, next_clean, epoch, td.num_classes, module=model, world_size=world,
-                                  meta_grad=cfg.meta_grad, fuse_forward=not (cfg.sync_bn or cfg.compile))
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    result = policy.step(train_model, x, y, ctx)
-                finite, received = agree_on_step(bool(torch.isfinite(result.loss)), signals.received, device)
-                if finite:
-                    optimizer.zero_grad(set_to_none=True)
-                    scaler.scale(result.loss).backward()
-                    if cfg.grad_clip > 0:
-                        scaler.unscale_(optimizer)
-                        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    pos["loss_sum"] += result.loss.item()
-                    if result.alpha is not None:
-                        prob = torch.softmax(result.logits.detach().float(), 1).gather(1, result.pseudo[:, None])[:, 0]
-                        # under DDP every rank records the global batch, as one process would
-                        g_idx, g_y, alpha, beta, pseudo, prob = all_gather_columns(
-                            (idx, y, result.alpha, result.beta, result.pseudo, prob))
-                        records.update(g_idx, g_y, alpha, beta, pseudo, prob)
-                        if not (alpha.sum() + beta.sum()) > 0:  # no sample helps the clean loss
-                            pos["zero_weight_batches"] += 1
-                            log.info("epoch %d, step %d: all meta-weights are zero", epoch + 1, pos["step"])
-                        if td.flipped is not None:
-                            _accumulate_weight_stats(pos["weight_stats"], td.flipped[g_idx].cpu(), alpha.cpu(), beta.cpu())
-                elif cfg.on_nan == "skip":
-                    pos["skipped"] += 1
-                    log.warning("non-finite loss at epoch %d, step %d: step skipped", epoch + 1, pos["step"])
-                else:  # checkpoint.pt stays as it was: the state at the last checkpoint, before the fault
-                    last = (f"the last good checkpoint is {out / 'checkpoint.pt'}" if (out / "checkpoint.pt").exists()
-                            else "no checkpoint had been written yet")
-                    raise L2BError(f"loss became {result.loss.item()} at epoch {epoch + 1}, step {pos['step']}; {last}. "
-                                   "Lower --lr, set --grad-clip, or pass --on-nan skip")
-                pos["step"] += 1
-                pos["batch"] = b + 1
-                if received is not None:
-                    pos["epoch_seconds"] += time.perf_counter() - t0
-                    checkpoint(out / "checkpoint.pt")
-                    code = 130 if received == signal.SIGINT else 143
-                    raise Interrupted(f"stopped by signal at epoch {epoch + 1}, step {pos['step']}; "
-                                      f"resume with: l2b train --resume {out}", code)
-            checkpoint_due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
-            if not is_main:  # ranks > 0 neither evaluate nor write; they join the checkpoint's gather
-                pos.update(epoch=epoch + 1, **_epoch_totals())
-                if checkpoint_due:
-                    checkpoint(out / "checkpoint.pt")
-                continue
-            val_acc = evaluate(model, td.clean, td.y_clean, cfg.eval_batch_size) if len(td.y_clean) else None
-            test_acc = evaluate(model, td.test, td.y_test, cfg.eval_batch_size) if len(td.y_test) else None
-            seconds = pos["epoch_seconds"] + time.perf_counter() - t0
-            line = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": pos["loss_sum"] / max(steps_per_epoch, 1),
-                    "val_acc": val_acc, "test_acc": test_acc, "seconds": seconds}
-            if pos["skipped"]:
-                line["skipped_steps"] = pos["skipped"]
-            if method.uses_meta_set and policy is method:
-                line["zero_weight_batches"] = pos["zero_weight_batches"]
-                line.update(_weight_means(pos["weight_stats"]))
-                if pos["meta_idx"] is not None:
-                    line["meta_size"] = len(pos["meta_idx"])
-            pos["metrics"].append(line)
-            pos["train_seconds"] += seconds
-            pos.update(epoch=epoch + 1, **_epoch_totals())
-            with open(out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(line) + "\n")
-            if progress:
-                tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {line['train_loss']:.4f}  "
-                           f"val {_pct(val_acc)}  test {_pct(test_acc)}  {seconds:5.1f}s")
-            if val_acc is not None and val_acc > pos["best_val"]:
-                pos["best_val"] = val_acc
-                atomic_save({"config": cfg.to_dict(), "epoch": epoch + 1, "val_acc": val_acc,
-                             "model": model.state_dict()}, out / "best.pt")
-            if checkpoint_due:
-                checkpoint(out / "checkpoint.pt")
-                _keep_history(out, epoch + 1, cfg.keep_checkpoints)
+def _record_weights(run: _Run, idx: Tensor, y: Tensor, result) -> None:
+    """Per-sample records and clean/flipped weight statistics of a meta step's (global) batch."""
+    prob = torch.softmax(result.logits.detach().float(), 1).gather(1, result.pseudo[:, None])[:, 0]
+    # under DDP every rank records the global batch, as one process would
+    idx, y, alpha, beta, pseudo, prob = all_gather_columns((idx, y, result.alpha, result.beta, result.pseudo, prob))
+    run.records.update(idx, y, alpha, beta, pseudo, prob)
+    if not (alpha.sum() + beta.sum()) > 0:  # no sample helps the clean loss
+        run.pos["zero_weight_batches"] += 1
+        log.info("epoch %d, step %d: all meta-weights are zero", run.pos["epoch"] + 1, run.pos["step"])
+    if run.td.flipped is not None:
+        _accumulate_weight_stats(run.pos["weight_stats"], run.td.flipped[idx].cpu(), alpha.cpu(), beta.cpu())
 
-    if not is_main:
-        return None
-    probs = predict_probs(model, td.train, cfg.eval_batch_size).cpu().numpy()  # (N, K), final model
+
+def _end_epoch(run: _Run, policy: Method, t0: float, progress: bool) -> None:
+    """Rank 0 evaluates, appends the metrics line, keeps best.pt; every rank joins a due checkpoint."""
+    cfg, pos, out, epoch = run.cfg, run.pos, run.out, run.pos["epoch"]
+    checkpoint_due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
+    if not run.dist.is_main:  # ranks > 0 neither evaluate nor write
+        pos.update(epoch=epoch + 1, **_epoch_totals())
+        if checkpoint_due:
+            run.checkpoint(out / "checkpoint.pt")
+        return
+    td = run.td
+    val_acc = evaluate(run.model, td.clean, td.y_clean, cfg.eval_batch_size) if len(td.y_clean) else None
+    test_acc = evaluate(run.model, td.test, td.y_test, cfg.eval_batch_size) if len(td.y_test) else None
+    seconds = pos["epoch_seconds"] + time.perf_counter() - t0  # training and evaluation, across a resume
+    line = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
+            "train_loss": pos["loss_sum"] / max(run.steps_per_epoch, 1),
+            "val_acc": val_acc, "test_acc": test_acc, "seconds": seconds}
+    if pos["skipped"]:
+        line["skipped_steps"] = pos["skipped"]
+    if run.method.uses_meta_set and policy is run.method:
+        line["zero_weight_batches"] = pos["zero_weight_batches"]
+        line.update(_weight_means(pos["weight_stats"]))
+        if pos["meta_idx"] is not None:
+            line["meta_size"] = len(pos["meta_idx"])
+    pos["metrics"].append(line)
+    pos["train_seconds"] += seconds
+    pos.update(epoch=epoch + 1, **_epoch_totals())
+    with open(out / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps(line) + "\n")
+    if progress:
+        tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {line['train_loss']:.4f}  "
+                   f"val {_pct(val_acc)}  test {_pct(test_acc)}  {seconds:5.1f}s")
+    if val_acc is not None and val_acc > pos["best_val"]:
+        pos["best_val"] = val_acc
+        atomic_save({"config": cfg.to_dict(), "epoch": epoch + 1, "val_acc": val_acc,
+                     "model": run.model.state_dict()}, out / "best.pt")
+    if checkpoint_due:
+        run.checkpoint(out / "checkpoint.pt")
+        _keep_history(out, epoch + 1, cfg.keep_checkpoints)
+
+
+def _finish(run: _Run) -> dict:
+    """Rank 0: the final model's training-set probabilities, per_sample.csv and summary.json."""
+    cfg, td, out = run.cfg, run.td, run.out
+    probs = predict_probs(run.model, td.train, cfg.eval_batch_size).cpu().numpy()  # (N, K), final model
     np.save(out / "train_probs.npy", probs)
-    write_table(per_sample_table(records.state_dict(), td.y_observed.cpu().numpy(), td.indices, probs,
+    write_table(per_sample_table(run.records.state_dict(), td.y_observed.cpu().numpy(), td.indices, probs,
                                  td.y_true, td.paths), out / "per_sample.csv")
-    summary = summarize(cfg, pos["metrics"], td.noise_info, pos["train_seconds"])
+    summary = summarize(cfg, run.pos["metrics"], td.noise_info, run.pos["train_seconds"])
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     summary["run_dir"] = str(out)
     return summary
+
+
+def _write_run_files(out: Path, cfg: Config, td: TrainData, data: ImageData) -> None:
+    """What a fresh run folder holds before the first step: config, noise, labels, the data record."""
+    save_yaml(cfg, out / "config.yaml")
+    (out / "noise.json").write_text(json.dumps(td.noise_info, indent=1))
+    np.save(out / "noisy_labels.npy", td.y_observed.cpu().numpy())
+    for name, text in data.files.items():  # e.g. the seeded ISIC2019 split
+        (out / name).write_text(text)
+    _save_data_record(out, td, data)
 
 
 def _epoch_totals() -> dict:
