@@ -187,3 +187,32 @@ def test_ddp_checkpoint_resumed_by_another_world_size_is_refused(ddp_run, tmp_pa
     shutil.copytree(ddp_run, run)
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("nproc: 2", "nproc: 1"))
     assert main(["train", "--resume", str(run), "--quiet"]) == 2  # one process, two ranks' states: one clear line
+
+
+def test_ddp_sigint_stops_every_rank_at_one_step_and_resumes_bit_identically(ddp_run, tiny_fmnist, tmp_path):
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    config = (ddp_run / "config.yaml").read_text()
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(Path(l2b.__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    args = ["--data-dir", str(tiny_fmnist), "--subset", "300", "--val-size", "100", "--batch-size", "32",
+            "--val-batch-size", "20", "--epochs", "3", "--warmup-epochs", "1", "--eval-batch-size", "300",
+            "--augment", "--keep-checkpoints", "4", "--nproc", "2", "--device", "cpu", "--quiet"]
+    assert "augment: true" in config  # the same run as the fixture's
+    proc = subprocess.Popen([sys.executable, "-m", "l2b", "train", "--out", str(run), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    t0 = time.time()
+    while not (run / "checkpoint.pt").exists():  # after epoch 1: two epochs are left to interrupt
+        assert proc.poll() is None and time.time() - t0 < 240, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # to the launcher, as Ctrl-C in a terminal does
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.count("resume with: l2b train --resume") == 1 and "Traceback" not in err, err
+    done = _l2b("train", "--resume", str(run), "--quiet")
+    assert done.returncode == 0, done.stderr
+    ref, got = safe_load(ddp_run / "checkpoint.pt")["model"], safe_load(run / "checkpoint.pt")["model"]
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k

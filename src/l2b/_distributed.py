@@ -163,7 +163,10 @@ def launch(nproc: int, argv: list[str]) -> int:
 
     Any rank that fails ends all ranks (torchrun's agent stops the others); the failure becomes one
     L2BError naming the rank and exit code (the rank's own `l2b: error:` line is printed above it).
+    SIGINT/SIGTERM reach every rank through the agent; the ranks agree on the step to stop after,
+    write one checkpoint, and the launcher exits with 130/143 like a single process.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -171,6 +174,8 @@ def launch(nproc: int, argv: list[str]) -> int:
         ["--standalone", f"--nproc_per_node={nproc}", "--max_restarts=0", "--module", "l2b", *argv])
     try:
         run(args)
+    except SignalException as exc:  # Ctrl-C / SIGTERM: the agent passed it on; rank 0 printed where to resume
+        return 128 + int(exc.sigval)
     except ChildFailedError as exc:
         first = sorted(exc.failures.items())[0]
         rank, failure = first
@@ -193,6 +198,11 @@ def strip_nproc(argv: list[str]) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+def is_rank_zero() -> bool:
+    """True in a single process and in rank 0 of a launched one (who speaks for the run)."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def rank_prefix() -> str:

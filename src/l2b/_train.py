@@ -286,6 +286,7 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     """
     run = _start(cfg, resume, data, model)
     cfg, pos = run.cfg, run.pos
+    progress = progress and run.dist.is_main  # one progress bar per run
     run.model.train()
     with _StopSignals() as signals:
         while pos["epoch"] < cfg.epochs:

@@ -409,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"l2b: error: {rank_prefix()}{exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
-        print(f"l2b: {exc}", file=sys.stderr)
+        from ._distributed import is_rank_zero
+
+        if is_rank_zero():  # every rank stopped at the same step; one says where to resume
+            print(f"l2b: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("l2b: interrupted", file=sys.stderr)
