@@ -137,3 +137,17 @@ def test_report_on_synthetic_runs_reads_only_run_folders(tmp_path):
     assert rows["l2b", 0.2]["last_std"] == "" and float(rows["l2b", 0.2]["seconds_per_epoch"]) == 3.0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| ce | — | 70.00 ± 10.00 |" in md  # method x noise rate, a missing cell shown as a dash
+
+
+def test_report_reads_a_key_missing_from_older_run_folders_as_its_default(tmp_path):
+    from l2b._report import aggregate, load_runs
+
+    _fake_run(tmp_path, "old", "l2b", 0.4, 1, [60.0])  # written before `meta_set` existed
+    _fake_run(tmp_path, "new", "l2b", 0.4, 2, [62.0])
+    _fake_run(tmp_path, "pseudo", "l2b", 0.4, 3, [50.0])
+    for name, meta_set in (("new", "clean"), ("pseudo", "pseudo")):
+        cfg = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({**cfg, "meta_set": meta_set}))
+    rows = {r["method"]: r for r in aggregate(load_runs([tmp_path]))}
+    assert set(rows) == {"l2b [meta_set=clean]", "l2b [meta_set=pseudo]"}
+    assert rows["l2b [meta_set=clean]"]["seeds"] == "1 2"  # the old folder joins the default's cell

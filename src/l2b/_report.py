@@ -21,6 +21,7 @@ from pathlib import Path
 
 import yaml
 
+from ._config import Config
 from ._errors import L2BError
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,9 @@ ACCURACIES = (  # summary key, column name, meaning
     ("test_acc_max", "max-test", "max test accuracy over epochs (selected on the TEST set: paper-comparable only)"),
 )
 # keys that never distinguish methods in a table (a table is per data set and noise model)
-_NOT_A_VARIANT = {"seed", "out", "device", "noise_rate", "data_dir", "eval_batch_size", "method", "dataset", "noise"}
+_NOT_A_VARIANT = {"seed", "out", "device", "noise_rate", "data_dir", "eval_batch_size", "method", "dataset", "noise",
+                  "nproc"}
+_DEFAULTS = Config().to_dict()  # a key an older run folder lacks had its default value
 
 
 @dataclass
@@ -90,9 +93,10 @@ def _label(runs: list[Run]) -> None:
         by_method[(r.group, r.summary["method"])].append(r)
     for (_, method), rs in by_method.items():
         keys = sorted({k for r in rs for k in r.config} - _NOT_A_VARIANT)
-        varying = [k for k in keys if len({json.dumps(r.config.get(k)) for r in rs}) > 1]
+        value = lambda r, k: r.config.get(k, _DEFAULTS.get(k))  # noqa: E731
+        varying = [k for k in keys if len({json.dumps(value(r, k)) for r in rs}) > 1]
         for r in rs:
-            extra = ", ".join(f"{k}={r.config.get(k)}" for k in varying)
+            extra = ", ".join(f"{k}={value(r, k)}" for k in varying)
             r.label = f"{method} [{extra}]" if extra else method
 
 
