@@ -1,0 +1,101 @@
+"""Regenerate the tables of docs/RESULTS.md from the committed run folders.
+
+    python benchmarks/results_tables.py            # rewrite the generated blocks of docs/RESULTS.md
+    python benchmarks/results_tables.py --check    # exit 1 if a block differs from the run folders
+
+Every cell is the mean ± sample std over seeds that `l2b report` computes (l2b._report.aggregate);
+a cell with fewer than 3 seeds says how many. The prose around the tables is written by hand; each
+table sits between `<!-- table:NAME -->` and `<!-- /table -->` and is replaced whole.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from l2b._report import aggregate, load_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "RESULTS.md"
+RUNS = ROOT / "docs" / "results" / "runs"
+ACC = {"last": "last", "best-val": "best-val", "max-test": "max-test"}
+
+# name: (noise, methods as rows, noise rates as column groups, accuracies per rate)
+TABLES = {
+    "table1-best-val": ("sym", ["ce", "ce+clean", "bootstrap-soft", "distill", "glc", "l2rw", "l2b"],
+                        [0.2, 0.3, 0.4, 0.5], ["best-val"]),
+    "table1-last": ("sym", ["ce", "ce+clean", "bootstrap-soft", "distill", "glc", "l2rw", "l2b"],
+                    [0.2, 0.3, 0.4, 0.5], ["last"]),
+    "table1-max-test": ("sym", ["ce", "ce+clean", "bootstrap-soft", "distill", "glc", "l2rw", "l2b"],
+                        [0.2, 0.3, 0.4, 0.5], ["max-test"]),
+    "table2": ("asym", ["ce", "mwnet", "glc", "l2rw", "l2b"], [0.4], ["last", "best-val", "max-test"]),
+    "table6": ("sym", ["l2b"], [0.2, 0.4], ["last", "best-val", "max-test"]),
+    "table7": ("sym", ["ce", "l2b-alpha0", "l2rw", "l2b-convex", "l2b"], [0.2, 0.4], ["last", "best-val"]),
+    "table8": ("sym", ["mlc", "l2b"], [0.1, 0.2, 0.3, 0.4, 0.5], ["best-val"]),
+}
+
+
+def cell(row: dict | None, acc: str) -> tuple[str, float | None]:
+    if row is None:
+        return "—", None
+    mean, std = row[f"{acc}_mean"], row[f"{acc}_std"]
+    text = f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+    if row["runs"] < 3:
+        text += f" ({row['runs']} seed{'s' if row['runs'] > 1 else ''})"
+    return text, mean
+
+
+def table(rows: list[dict], noise: str, methods: list[str], rates: list[float], accs: list[str]) -> str:
+    by_key = {(r["noise"], r["method"], r["noise_rate"]): r for r in rows}
+    columns = [(rate, acc) for rate in rates for acc in accs]
+    cells = {(m, c): cell(by_key.get((noise, m, c[0])), c[1]) for m in methods for c in columns}
+    best = {}  # the highest mean of each column is bold (only among cells that exist)
+    for c in columns:
+        means = [(cells[m, c][1], m) for m in methods if cells[m, c][1] is not None]
+        best[c] = max(means)[1] if len(means) > 1 else None
+    header = "| method | " + " | ".join(f"{100 * rate:g}% {acc}" for rate, acc in columns) + " |"
+    lines = [header, "|---|" + "---|" * len(columns)]
+    for m in methods:
+        texts = [f"**{cells[m, c][0]}**" if best[c] == m else cells[m, c][0] for c in columns]
+        lines.append(f"| {m} | " + " | ".join(texts) + " |")
+    seeds = sorted({int(x) for r in rows if r["noise"] == noise and r["method"] in methods
+                    and r["noise_rate"] in rates for x in r["seeds"].split()})
+    lines += ["", f"Mean ± sample std over seeds {', '.join(map(str, seeds)) or '(none)'}; bold: the highest mean "
+              "of a column; a cell with fewer than 3 seeds says how many."]
+    return "\n".join(lines)
+
+
+def render(rows: list[dict]) -> dict[str, str]:
+    return {name: table(rows, *spec) for name, spec in TABLES.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="report differences, change nothing")
+    args = parser.parse_args(argv)
+    blocks = render(aggregate(load_runs([RUNS])))
+    text = RESULTS.read_text()
+    stale = []
+
+    def replace(match):
+        name = match.group(1)
+        if name not in blocks:
+            raise SystemExit(f"{RESULTS}: unknown table {name!r}; known: {', '.join(blocks)}")
+        new = f"<!-- table:{name} -->\n{blocks[name]}\n<!-- /table -->"
+        if match.group(0) != new:
+            stale.append(name)
+        return new
+
+    updated = re.sub(r"<!-- table:([\w-]+) -->.*?<!-- /table -->", replace, text, flags=re.S)
+    if args.check:
+        print("stale tables: " + ", ".join(stale) if stale else "every table matches the run folders")
+        return 1 if stale else 0
+    RESULTS.write_text(updated)
+    print(f"{RESULTS.relative_to(ROOT)}: {len(stale)} table(s) rewritten" + (f" ({', '.join(stale)})" if stale else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
