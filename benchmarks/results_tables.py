@@ -70,7 +70,8 @@ def table(rows: list[dict], noise: str, methods: list[str], rates: list[float], 
 def clean_batch_table() -> str:
     """L2B and L2RW at 40% symmetric noise with clean batches of 100 and 500, seed by seed (best-val test
     accuracy, and the clean-validation accuracy that chose the epoch)."""
-    runs = load_runs([RUNS / "sym40", ROOT / "docs" / "results" / "diagnosis", ROOT / "docs" / "results" / "cleanbatch500"])
+    folders = [RUNS / "sym40", ROOT / "docs" / "results" / "diagnosis", ROOT / "docs" / "results" / "cleanbatch500"]
+    runs = load_runs([f for f in folders if f.is_dir()])
     cells = {}
     for r in runs:
         c = r.config
