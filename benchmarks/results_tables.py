@@ -1,6 +1,6 @@
-"""Regenerate the tables of docs/RESULTS.md from the committed run folders.
+"""Regenerate the tables of docs/RESULTS.md (and README's headline) from the committed run folders.
 
-    python benchmarks/results_tables.py            # rewrite the generated blocks of docs/RESULTS.md
+    python benchmarks/results_tables.py            # rewrite the generated blocks
     python benchmarks/results_tables.py --check    # exit 1 if a block differs from the run folders
 
 Every cell is the mean ± sample std over seeds that `l2b report` computes (l2b._report.aggregate);
@@ -19,6 +19,7 @@ from l2b._report import aggregate, load_runs
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "RESULTS.md"
+DOCS = (RESULTS, ROOT / "README.md")  # the files whose marked tables are generated
 RUNS = ROOT / "docs" / "results" / "runs"
 ACC = {"last": "last", "best-val": "best-val", "max-test": "max-test"}
 
@@ -95,9 +96,25 @@ def clean_batch_table() -> str:
     return "\n".join(lines)
 
 
+def headline(rows: list[dict]) -> str:
+    """README's table: the main methods at each noise setting, last epoch / best clean-validation epoch."""
+    by_key = {(r["noise"], r["method"], r["noise_rate"]): r for r in rows}
+    settings = [("sym", 0.2), ("sym", 0.4), ("sym", 0.5), ("asym", 0.4)]
+    lines = ["| method | " + " | ".join(f"{100 * rate:g}% {noise}" for noise, rate in settings) + " |",
+             "|---|" + "---|" * len(settings)]
+    for m in ("ce", "l2rw", "l2b", "glc"):
+        texts = []
+        for noise, rate in settings:
+            row = by_key.get((noise, m, rate))
+            texts.append("—" if row is None else f"{cell(row, 'last')[0]} / {cell(row, 'best-val')[0]}")
+        lines.append(f"| {m} | " + " | ".join(texts) + " |")
+    return "\n".join(lines)
+
+
 def render(rows: list[dict]) -> dict[str, str]:
     blocks = {name: table(rows, *spec) for name, spec in TABLES.items()}
     blocks["clean-batch"] = clean_batch_table()
+    blocks["headline"] = headline(rows)
     return blocks
 
 
@@ -106,24 +123,26 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="report differences, change nothing")
     args = parser.parse_args(argv)
     blocks = render(aggregate(load_runs([RUNS])))
-    text = RESULTS.read_text()
     stale = []
 
     def replace(match):
         name = match.group(1)
         if name not in blocks:
-            raise SystemExit(f"{RESULTS}: unknown table {name!r}; known: {', '.join(blocks)}")
+            raise SystemExit(f"unknown table {name!r}; known: {', '.join(blocks)}")
         new = f"<!-- table:{name} -->\n{blocks[name]}\n<!-- /table -->"
         if match.group(0) != new:
             stale.append(name)
         return new
 
-    updated = re.sub(r"<!-- table:([\w-]+) -->.*?<!-- /table -->", replace, text, flags=re.S)
+    updated = {}
+    for path in DOCS:
+        updated[path] = re.sub(r"<!-- table:([\w-]+) -->.*?<!-- /table -->", replace, path.read_text(), flags=re.S)
     if args.check:
         print("stale tables: " + ", ".join(stale) if stale else "every table matches the run folders")
         return 1 if stale else 0
-    RESULTS.write_text(updated)
-    print(f"{RESULTS.relative_to(ROOT)}: {len(stale)} table(s) rewritten" + (f" ({', '.join(stale)})" if stale else ""))
+    for path, text in updated.items():
+        path.write_text(text)
+    print(f"{len(stale)} table(s) rewritten" + (f": {', '.join(stale)}" if stale else ""))
     return 0
 
 
