@@ -239,3 +239,19 @@ def test_weights_favour_clean_over_flipped_samples_on_a_controlled_problem(seed)
     assert w.beta[flipped].mean() > w.alpha[flipped].mean()
     l2rw = meta_weights(model, x, y, xv, yv, optimizer=opt, mode="beta0")
     assert l2rw.alpha[flipped].mean() < 0.5 * l2rw.alpha[~flipped].mean()
+
+
+def test_sigmoid_normalisation_is_eq13_and_exact_where_sigmoid_underflows():
+    g = torch.Generator().manual_seed(0)
+    ra, rb = torch.randn(6, generator=g, dtype=torch.float64) * 3, torch.randn(6, generator=g, dtype=torch.float64) * 3
+    a, b = l2b.normalize_weights(ra, rb, mode="l2b", normalize="sigmoid")
+    s = torch.sigmoid(torch.cat([ra, rb]))  # eq. 13, literally
+    assert torch.allclose(torch.cat([a, b]), s / s.sum(), rtol=1e-12, atol=0)
+    a, b = l2b.normalize_weights(ra, rb, mode="convex", normalize="sigmoid")
+    pair = torch.sigmoid(torch.stack([ra, rb], 1))
+    assert torch.allclose(torch.stack([a, b], 1), pair / pair.sum(1, keepdim=True), rtol=1e-12, atol=0)
+    # far below zero every sigmoid is 0 in float64, but sigmoid(r) ~ exp(r): the ratio is softmax(r)
+    far = torch.tensor([-800.0, -801.0, -803.0], dtype=torch.float64)
+    assert torch.sigmoid(far).sum() == 0
+    a, _ = l2b.normalize_weights(far, far, mode="beta0", normalize="sigmoid")
+    assert torch.allclose(a, torch.softmax(far, 0), rtol=1e-12, atol=0)

@@ -405,20 +405,25 @@ def _local(t: Tensor, op: str) -> Tensor:
 def _normalize(raw: Tensor, normalize: str, temperature: float, all_reduce=None) -> Tensor:
     """Normalise a 1-d group; the max and the sums go through ``all_reduce`` (one scalar each)."""
     reduce = all_reduce or _local
-    if normalize == "softmax":  # eq. 14, with the global max subtracted for stability
-        z = raw / temperature
+    if normalize in ("softmax", "sigmoid"):
+        # eq. 14: softmax(raw / T); eq. 13: sigmoid(raw) / sum sigmoid(raw) = softmax(log sigmoid(raw)),
+        # which stays exact where every sigmoid underflows to 0 (raw < -709 in float64); the global max
+        # is subtracted for stability
+        z = raw / temperature if normalize == "softmax" else F.logsigmoid(raw)
         e = torch.exp(z - reduce(z.max(), "max"))
         return e / reduce(e.sum(), "sum")
-    w = torch.sigmoid(raw) if normalize == "sigmoid" else raw.clamp_min(0)  # eq. 13 / eq. 8
+    w = raw.clamp_min(0)  # eq. 8
     total = reduce(w.sum(), "sum")
     # eq. 9, eps-guarded: a group with no positive weight gets all zeros, never 0/0
     return torch.where(total > 0, w / torch.where(total > 0, total, torch.ones_like(total)), torch.zeros_like(w))
 
 
 def _normalize_rows(raw: Tensor, normalize: str, temperature: float) -> Tensor:
-    """Normalise each row of (n, 2); a row with no positive weight gets 0.5, 0.5."""
+    """Normalise each row of (n, 2); under "sum" a row with no positive weight gets 0.5, 0.5."""
     if normalize == "softmax":
         return torch.softmax(raw / temperature, dim=1)
-    w = torch.sigmoid(raw) if normalize == "sigmoid" else raw.clamp_min(0)
+    if normalize == "sigmoid":  # sigmoid / row sum, in log space (see _normalize)
+        return torch.softmax(F.logsigmoid(raw), dim=1)
+    w = raw.clamp_min(0)
     total = w.sum(dim=1, keepdim=True)
     return torch.where(total > 0, w / torch.where(total > 0, total, torch.ones_like(total)), torch.full_like(w, 0.5))
