@@ -3,7 +3,6 @@
 import copy
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import l2b
+
+pytestmark = pytest.mark.xdist_group("ddp")  # one worker runs this module's process groups, in turn
 from l2b._checkpoint import safe_load
 from l2b._distributed import average_tensors, strip_nproc
 from l2b._methods import StepContext, create_method
@@ -69,9 +70,10 @@ def _train(case, rank=0, world=1, wrap=lambda m: m):
     return torch.cat(weights, dim=1), [p.detach().clone() for p in module.parameters()]
 
 
-def _worker(rank, world, port, out_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank, world, out_dir):
+    # a file store, not a TCP port: no port to race for with other tests' process groups
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=world)
     try:
         results = {case: _train(case, rank, world, nn.parallel.DistributedDataParallel) for case in CASES}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -79,14 +81,8 @@ def _worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for case in CASES:
         single_w, single_p = _train(case)

@@ -177,8 +177,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     except SignalException as exc:  # Ctrl-C / SIGTERM: the agent passed it on; rank 0 printed where to resume
         return 128 + int(exc.sigval)
     except ChildFailedError as exc:
-        first = sorted(exc.failures.items())[0]
-        rank, failure = first
+        rank, failure = exc.get_first_failure()  # the root cause; the agent then stops the others
         raise L2BError(f"rank {rank} of {nproc} failed with exit code {failure.exitcode}; "
                        "all ranks were stopped (its message is above)") from None
     return 0
