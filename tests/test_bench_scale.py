@@ -17,6 +17,8 @@ def test_bench_epoch_counts_whole_batches():
     assert r["num_images"] == 32 and set(r["images_per_second"]) == {"data", "ce", "l2b_fd"}
     with pytest.raises(L2BError, match="l2b_exact"):
         bench_epoch(num_images=16, batch_size=8, image_shape=(1, 8, 8), methods=("nope",))
+    with pytest.raises(L2BError, match="--repeats must be >= 1"):
+        bench_epoch(num_images=16, batch_size=8, image_shape=(1, 8, 8), repeats=0)
 
 
 def test_bench_epoch_times_registered_methods_with_their_prepare_hooks():

@@ -158,6 +158,8 @@ def bench_epoch(*, model: str = "small-cnn", num_images: int = 10000, batch_size
     > 1 the methods' epochs run round-robin that many times and each reports its median, so a drift
     in machine speed hits all methods alike.
     """
+    if repeats < 1:
+        raise L2BError(f"--repeats must be >= 1, got {repeats}")
     dev, net, layout, kinds, method_step = _setup(model, batch_size, val_batch_size, image_shape, num_classes,
                                                   device, amp, channels_last, seed)
     unknown = set(methods) - set(kinds) - set(list_methods())
@@ -204,7 +206,7 @@ def bench_epoch(*, model: str = "small-cnn", num_images: int = 10000, batch_size
         if hasattr(step, "method") and hasattr(step.method, "prepare"):
             step.method.prepare(PrepareContext(None, data, dev, new_model, lambda *a, **k: None))
     times = {name: [] for name in steps_of}
-    for _ in range(max(repeats, 1)):
+    for _ in range(repeats):
         for name, step in steps_of.items():
             times[name].append(timed(step))
     seconds = {name: statistics.median(v) for name, v in times.items()}
@@ -219,7 +221,7 @@ def bench_epoch(*, model: str = "small-cnn", num_images: int = 10000, batch_size
         "amp": amp,
         "channels_last": channels_last,
         "augment": augment,
-        "repeats": max(repeats, 1),
+        "repeats": repeats,
         "seconds": seconds,
         "images_per_second": {k: steps * batch_size / v for k, v in seconds.items()},
     }

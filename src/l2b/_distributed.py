@@ -79,9 +79,13 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def average_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """The mean over ranks of a dict of tensors, as one flattened all-reduce (one message, not one per tensor)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if _world() == 1:
         return tensors
     names = list(tensors)
     flat = torch.cat([tensors[n].reshape(-1) for n in names])
@@ -97,15 +101,11 @@ def average_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def all_reduce_scalar(t: Tensor, op: str) -> Tensor:
     """Sum or max of a 0-dim tensor over all ranks (a new tensor; ``t`` is left alone)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if _world() == 1:
         return t
     out = t.detach().clone()
     dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return out
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def all_gather_columns(columns: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
