@@ -1,7 +1,7 @@
 """Regenerate the tables of docs/RESULTS.md (and README's headline) from the committed run folders.
 
-    python benchmarks/results_tables.py            # rewrite the generated blocks
-    python benchmarks/results_tables.py --check    # exit 1 if a block differs from the run folders
+    python tools/results_tables.py            # rewrite the generated blocks
+    python tools/results_tables.py --check    # exit 1 if a block differs from the run folders
 
 Every cell is the mean ± sample std over seeds that `l2b report` computes (l2b._report.aggregate);
 a cell with fewer than 3 seeds says how many. The prose around the tables is written by hand; each
