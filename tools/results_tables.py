@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import statistics
 import sys
 from pathlib import Path
 
@@ -69,6 +70,36 @@ def table(rows: list[dict], noise: str, methods: list[str], rates: list[float], 
     return "\n".join(lines)
 
 
+def provenance(runs: list, noise: str, methods: list[str], rates: list[float], seeds) -> str:
+    """Which runs a table is made of: the commands, per machine the number of runs and their training time."""
+    used = [r for r in runs if r.summary["noise"] == noise and r.summary["method"] in methods
+            and r.summary["noise_rate"] in rates and (seeds is None or r.summary["seed"] in seeds)]
+    by_config = {}
+    for r in used:  # runs/<config>/<run>: made with configs/fashion-mnist-<config>.yaml
+        got = by_config.setdefault(r.path.parent.name, (set(), set(), set()))
+        got[0].add(r.summary["method"]), got[1].add(r.summary["noise_rate"]), got[2].add(r.summary["seed"])
+    commands = [f"`l2b sweep --config configs/fashion-mnist-{name}.yaml --methods "
+                f"{','.join(m for m in methods if m in ms)} --noise-rates {','.join(f'{x:g}' for x in sorted(rs))} "
+                f"--seeds {','.join(map(str, sorted(ss)))}`" for name, (ms, rs, ss) in sorted(by_config.items())]
+    machines = []
+    for device, name in (("cuda", "GPU"), ("cpu", "CPU")):
+        minutes = sorted(r.summary["train_seconds"] / 60 for r in used if r.config.get("device") == device)
+        if minutes:
+            machines.append(f"{name} {len(minutes)} (training {sum(minutes):.0f} min in all, "
+                            f"{statistics.median(minutes):.1f} min the median run)")
+    cells = {}
+    for r in used:
+        key = (r.summary["method"], r.summary["noise_rate"])
+        cells.setdefault(key, {}).setdefault("GPU" if r.config.get("device") == "cuda" else "CPU", []).append(r.summary["seed"])
+    mixed = [f"{m} {100 * rate:g}% (seeds " + ", ".join(f"{','.join(map(str, sorted(seeds)))} {name}"
+                                                        for name, seeds in sorted(on.items(), reverse=True)) + ")"
+             for (m, rate), on in sorted(cells.items()) if len(on) > 1]
+    return (f"Runs: {len(used)}, on " + " and ".join(machines) + ". Made by " + "; ".join(commands)
+            + " (`--device cuda` or `cpu`, as each run's config.yaml records)."
+            + (" Cells whose seeds ran on both machines: " + "; ".join(mixed) + "." if mixed else "")
+            ) if used else "Runs: none yet."
+
+
 def clean_batch_table() -> str:
     """L2B and L2RW at 40% symmetric noise with clean batches of 100 and 500, seed by seed (best-val test
     accuracy, and the clean-validation accuracy that chose the epoch)."""
@@ -116,7 +147,12 @@ def headline(rows: list[dict]) -> str:
 def render(runs: list) -> dict[str, str]:
     main_rows = aggregate([r for r in runs if r.summary.get("seed") in MAIN_SEEDS])
     all_rows = aggregate(runs)
-    blocks = {name: table(main_rows if len(spec) == 4 else all_rows, *spec[:4]) for name, spec in TABLES.items()}
+    blocks, previous = {}, None
+    for name, spec in TABLES.items():
+        source = provenance(runs, *spec[:3], MAIN_SEEDS if len(spec) == 4 else None)
+        blocks[name] = table(main_rows if len(spec) == 4 else all_rows, *spec[:4]) + "\n\n" + (
+            "Runs: those of the table above." if source == previous else source)
+        previous = source
     blocks["clean-batch"] = clean_batch_table()
     blocks["headline"] = headline(main_rows)
     return blocks
