@@ -35,8 +35,10 @@ TABLES = {
                         [0.2, 0.3, 0.4, 0.5], ["max-test"]),
     "table2": ("asym", ["ce", "mwnet", "glc", "l2rw", "l2b"], [0.4], ["last", "best-val", "max-test"]),
     "table6": ("sym", ["l2b"], [0.2, 0.4], ["last", "best-val", "max-test"], None),
-    "table7": ("sym", ["ce", "l2b-alpha0", "l2rw", "l2b-convex", "l2b"], [0.2, 0.4], ["last", "best-val"]),
-    "table8": ("sym", ["mlc", "l2b"], [0.1, 0.2, 0.3, 0.4, 0.5], ["best-val"]),
+    "table7": ("sym", ["ce", "l2b-alpha0", "l2rw", "l2b-convex", "l2b"], [0.2, 0.4], ["last", "best-val", "max-test"]),
+    "table8-best-val": ("sym", ["mlc", "l2b"], [0.1, 0.2, 0.3, 0.4, 0.5], ["best-val"]),
+    "table8-last": ("sym", ["mlc", "l2b"], [0.1, 0.2, 0.3, 0.4, 0.5], ["last"]),
+    "table8-max-test": ("sym", ["mlc", "l2b"], [0.1, 0.2, 0.3, 0.4, 0.5], ["max-test"]),
 }
 
 
