@@ -1,6 +1,7 @@
 """Every method trains from the CLI; `l2b sweep` runs and resumes a grid; `l2b report` tables match the runs."""
 
 import csv
+import gzip
 import json
 import math
 import subprocess
@@ -151,3 +152,34 @@ def test_report_reads_a_key_missing_from_older_run_folders_as_its_default(tmp_pa
     rows = {r["method"]: r for r in aggregate(load_runs([tmp_path]))}
     assert set(rows) == {"l2b [meta_set=clean]", "l2b [meta_set=pseudo]"}
     assert rows["l2b [meta_set=clean]"]["seeds"] == "1 2"  # the old folder joins the default's cell
+
+
+def test_report_splits_the_weights_by_sample_group(tmp_path):
+    # two runs of one cell: the groups' shares and mean weights are each run's, averaged over the runs
+    from l2b._report import write_report
+
+    header = "index,given_label,true_label,alpha_mean,beta_mean,pred_label\n"
+    samples = {1: ["0,1,1,0.5,0.4,1", "1,1,1,0.7,0.6,1", "2,2,2,0.9,0.8,0", "3,0,2,0.1,1.0,2"],
+               2: ["0,1,1,0.3,0.2,1", "1,2,2,1.1,0.0,0", "2,0,2,0.2,0.9,0", "3,0,2,0.4,0.5,1"]}
+    for seed, rows in samples.items():
+        _fake_run(tmp_path, f"l2b-{seed}", "l2b", 0.5, seed, [50.0])
+        text = header + "\n".join(rows) + "\n"
+        if seed == 1:
+            (tmp_path / "l2b-1" / "per_sample.csv").write_text(text)
+        else:  # as committed under docs/results: compressed
+            (tmp_path / "l2b-2" / "per_sample.csv.gz").write_bytes(gzip.compress(text.encode()))
+    _fake_run(tmp_path, "ce-1", "ce", 0.5, 1, [40.0])  # no per_sample.csv: not in the groups
+    result = write_report([tmp_path], tmp_path / "report", plots=False)
+    with open(tmp_path / "report" / "sample_groups.csv", newline="") as fh:
+        got = {r["group"]: r for r in csv.DictReader(fh)}
+    assert {r["method"] for r in got.values()} == {"l2b"} and {r["runs"] for r in got.values()} == {"2"}
+    right, wrong = got["clean, predicted right"], got["clean, predicted wrong"]
+    assert float(right["share_pct"]) == pytest.approx((50 + 25) / 2)
+    assert float(right["alpha"]) == pytest.approx((0.6 + 0.3) / 2) and float(right["beta"]) == pytest.approx((0.5 + 0.2) / 2)
+    assert float(wrong["alpha"]) == pytest.approx((0.9 + 1.1) / 2)
+    assert float(got["flipped, predicted the true class"]["share_pct"]) == pytest.approx((25 + 0) / 2)
+    assert float(got["flipped, predicted the given label"]["beta"]) == pytest.approx(0.9)  # seed 2 alone has one
+    assert float(got["flipped, predicted a third class"]["alpha"]) == pytest.approx(0.4)
+    assert sum(float(r["share_pct"]) for r in got.values()) == pytest.approx(100)
+    assert "Where the weights go" in (tmp_path / "report" / "report.md").read_text()
+    assert any(str(f).endswith("sample_groups.csv") for f in result["files"])

@@ -16,7 +16,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from l2b._report import aggregate, load_runs
+from l2b._report import aggregate, load_runs, sample_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "RESULTS.md"
@@ -174,6 +174,34 @@ def orderings_table(runs: list) -> str:
     return "\n".join(lines)
 
 
+def weights_table() -> str:
+    """Where L2B's and L2RW's weight goes, from the runs that kept their per-sample records (CPU runs):
+    per group of training samples (clean or flipped, by the final model's prediction) its share and mean
+    alpha / beta."""
+    results = ROOT / "docs" / "results"
+    runs = [r for r in load_runs([RUNS, results / "cleanbatch500"])
+            if r.summary["method"] in ("l2b", "l2rw") and r.summary["seed"] in MAIN_SEEDS]
+    groups = {}
+    for row in sample_groups(runs):
+        groups.setdefault((row["noise"], row["noise_rate"], row["method"]), {})[row["group"]] = row
+    pair = lambda g: f"{g['alpha']:.2f} / {g['beta']:.2f}"  # noqa: E731
+    lines = ["| setting | method | runs | clean, predicted wrong: % of samples | its alpha / beta | clean, "
+             "predicted right: alpha / beta | flipped, predicted the true class: alpha / beta | flipped, predicted "
+             "the given label: % |", "|---|---|---|---|---|---|---|---|"]
+    for (noise, rate, label), g in sorted(groups.items()):
+        cw, cr, ft, fg = (g[k] for k in ("clean, predicted wrong", "clean, predicted right",
+                                         "flipped, predicted the true class", "flipped, predicted the given label"))
+        method, _, batch = label.partition(" [val_batch_size=")  # the label names the clean batch where it varies
+        setting = f"{100 * rate:g}% {noise}" + (f", clean batch {batch.rstrip(']')}" if batch else "")
+        lines.append(f"| {setting} | {method} | {cw['runs']} | {cw['share_pct']:.1f} | {pair(cw)} | "
+                     f"{pair(cr)} | {pair(ft)} | {fg['share_pct']:.1f} |")
+    lines += ["", "Seeds 1-3 that ran on the CPU (their folders keep `per_sample.csv.gz`); alpha and beta are each "
+              "sample's mean over its meta steps times the batch size (1 = an average sample's share), averaged over "
+              "the group; groups by the final model's prediction on the training image. All groups: `l2b report` "
+              "(`sample_groups.csv`)."]
+    return "\n".join(lines)
+
+
 def headline(rows: list[dict]) -> str:
     """README's table: the main methods at each noise setting, last epoch / best clean-validation epoch."""
     by_key = {(r["noise"], r["method"], r["noise_rate"]): r for r in rows}
@@ -201,6 +229,7 @@ def render(runs: list) -> dict[str, str]:
     blocks["clean-batch"] = clean_batch_table()
     blocks["normalize"] = normalize_table()
     blocks["orderings"] = orderings_table(runs)
+    blocks["weights"] = weights_table()
     blocks["headline"] = headline(main_rows)
     return blocks
 

@@ -3,7 +3,8 @@
 This module never imports the trainer: a report can be made anywhere the run folders are.
 
 Outputs (in ``out``): ``report.md`` (Markdown tables), ``results.csv`` (one row per method x noise
-setting), ``timing.csv`` and, with matplotlib, ``fig2_test_acc.png`` (test accuracy per epoch, paper
+setting), ``sample_groups.csv`` (where the meta-weights go: clean/flipped samples by the final prediction,
+from the runs that kept ``per_sample.csv``) and, with matplotlib, ``fig2_test_acc.png`` (test accuracy per epoch, paper
 Fig. 2), ``fig3_normalize.png`` (normalisations compared, Fig. 3), ``fig4_weights.png`` (mean alpha and
 beta of clean vs flipped samples over training, Fig. 4) and ``table9_time.png`` (seconds per epoch,
 Table 9).
@@ -12,6 +13,7 @@ Table 9).
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import logging
 import math
@@ -159,6 +161,62 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# training samples split by whether their label was flipped and what the final model predicts for them
+SAMPLE_GROUPS = (
+    ("clean, predicted right", lambda given, true, pred: given == true and pred == true),
+    ("clean, predicted wrong", lambda given, true, pred: given == true and pred != true),
+    ("flipped, predicted the true class", lambda given, true, pred: given != true and pred == true),
+    ("flipped, predicted the given label", lambda given, true, pred: given != true and pred == given),
+    ("flipped, predicted a third class", lambda given, true, pred: given != true and pred not in (given, true)),
+)
+
+
+def sample_groups(runs: list[Run]) -> list[dict]:
+    """Per-sample weights by group, from the runs that kept ``per_sample.csv`` (or ``per_sample.csv.gz``):
+    for each cell (data set, noise, rate, label) and each of ``SAMPLE_GROUPS``, the share of training
+    samples in the group and their mean alpha and beta (each sample's mean over its meta steps, times the
+    batch size: 1 = an average sample's share), averaged over the cell's runs (the weights over the runs
+    where the group has samples). Shows where the weight goes, e.g. how much
+    of it lands on clean samples the model still gets wrong."""
+    cells = defaultdict(list)
+    for r in runs:
+        found = [p for p in (r.path / "per_sample.csv", r.path / "per_sample.csv.gz") if p.is_file()]
+        if not found:
+            continue
+        with (gzip.open if found[0].suffix == ".gz" else open)(found[0], "rt", newline="") as fh:
+            samples = list(csv.DictReader(fh))
+        stats = []
+        for _, member in SAMPLE_GROUPS:
+            got = [s for s in samples if member(s["given_label"], s["true_label"], s["pred_label"])]
+            mean = lambda key: _mean_std([float(s[key]) for s in got if s[key] not in ("", "nan")] or [math.nan])[0]  # noqa: E731
+            stats.append((100 * len(got) / len(samples), mean("alpha_mean"), mean("beta_mean")))
+        cells[(*r.group, float(r.summary["noise_rate"]), r.label)].append(stats)
+    rows = []
+    for (dataset, noise, rate, label), per_run in sorted(cells.items()):
+        for k, (group, _) in enumerate(SAMPLE_GROUPS):
+            values = [run[k] for run in per_run]  # a group empty in a run has no mean weight there: skipped
+            share, alpha, beta = (_mean_std([v[j] for v in values if not math.isnan(v[j])] or [math.nan])[0]
+                                  for j in range(3))
+            rows.append({"dataset": dataset, "noise": noise, "noise_rate": rate, "method": label, "group": group,
+                         "runs": len(per_run), "share_pct": share, "alpha": alpha, "beta": beta})
+    return rows
+
+
+def sample_groups_markdown(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    lines = ["## Where the weights go: per-sample weights by group", "",
+             "_from the runs' per_sample.csv; mean alpha and beta times the batch size (1 = an average sample's "
+             "share), by the final model's prediction; mean over runs_", "",
+             "| data set | noise | method | runs | group | % of samples | alpha | beta |",
+             "|---|---|---|---|---|---|---|---|"]
+    num = lambda v: "—" if math.isnan(v) else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['dataset']} | {r['noise']} {100 * r['noise_rate']:g}% | {r['method']} | {r['runs']} | "
+                     f"{r['group']} | {r['share_pct']:.1f} | {num(r['alpha'])} | {num(r['beta'])} |")
+    return "\n".join(lines + [""])
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -177,9 +235,13 @@ def write_report(paths: list[str | Path], out: str | Path, *, plots: bool = True
     rows = aggregate(runs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "report.md").write_text(markdown(rows))
+    groups = sample_groups(runs)
+    (out / "report.md").write_text(markdown(rows) + "\n" + sample_groups_markdown(groups))
     write_csv(rows, out / "results.csv")
     files, skipped = [out / "report.md", out / "results.csv"], {}
+    if groups:
+        write_csv(groups, out / "sample_groups.csv")
+        files.append(out / "sample_groups.csv")
     if plt is not None:
         from . import _report_plots
 
