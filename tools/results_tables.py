@@ -175,12 +175,12 @@ def orderings_table(runs: list) -> str:
 
 
 def weights_table() -> str:
-    """Where L2B's and L2RW's weight goes, from the runs that kept their per-sample records (CPU runs):
-    per group of training samples (clean or flipped, by the final model's prediction) its share and mean
-    alpha / beta."""
+    """Where the weight of L2B, L2RW and the convex mix goes, from the runs that kept their per-sample
+    records (CPU runs): per group of training samples (clean or flipped, by the final model's prediction)
+    its share and mean alpha / beta."""
     results = ROOT / "docs" / "results"
     runs = [r for r in load_runs([RUNS, results / "cleanbatch500"])
-            if r.summary["method"] in ("l2b", "l2rw") and r.summary["seed"] in MAIN_SEEDS]
+            if r.summary["method"] in ("l2b", "l2rw", "l2b-convex") and r.summary["seed"] in MAIN_SEEDS]
     groups = {}
     for row in sample_groups(runs):
         groups.setdefault((row["noise"], row["noise_rate"], row["method"]), {})[row["group"]] = row
