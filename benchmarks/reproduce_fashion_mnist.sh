@@ -27,6 +27,7 @@ jobs() {  # output folder, config, method, noise rates, seeds, extra flags; most
   echo "sym20 sym20 l2b 0.2 4,5"; echo "sym40 sym40 l2b 0.4 4,5"
   for n in softmax sigmoid; do echo "normalize-$n sym40 l2b 0.4 1,2,3 --normalize $n"; done  # Fig. 3
   for m in l2b mlc; do echo "sym20 sym20 $m 0.1 1,2,3"; done
+  echo "sym50 sym50 l2b-convex 0.5 1,2,3"  # the per-sample diagnosis of L2B against the convex mix
 }
 
 jobs | while read -r dest cfg method rates seeds extra; do
