@@ -183,3 +183,7 @@ def test_report_splits_the_weights_by_sample_group(tmp_path):
     assert sum(float(r["share_pct"]) for r in got.values()) == pytest.approx(100)
     assert "Where the weights go" in (tmp_path / "report" / "report.md").read_text()
     assert any(str(f).endswith("sample_groups.csv") for f in result["files"])
+
+    (tmp_path / "l2b-1" / "per_sample.csv").write_text("index,given_label,true_label,alpha_mean,beta_mean\n0,1,1,0.5,0.4\n")
+    with pytest.raises(L2BError, match="no column pred_label"):
+        write_report([tmp_path], tmp_path / "report", plots=False)

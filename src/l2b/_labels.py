@@ -19,6 +19,7 @@ else here reads only run folders. Columns of ``per_sample.csv``:
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import logging
 from pathlib import Path
@@ -118,10 +119,10 @@ _STR_COLS = {"path", "given_name", "suggested_name", "predicted_name"}
 
 
 def read_table(path: Path) -> dict[str, np.ndarray]:
-    """Read a table written by :func:`write_table` back into typed columns."""
+    """Read a table written by :func:`write_table` (or a gzip of it, ``*.gz``) back into typed columns."""
     path = Path(path)
     try:
-        with open(path, newline="") as fh:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="") as fh:
             rows = list(csv.reader(fh))
     except OSError as exc:
         raise L2BError(f"cannot read {path}: {exc.strerror}") from None

@@ -13,7 +13,6 @@ Table 9).
 from __future__ import annotations
 
 import csv
-import gzip
 import json
 import logging
 import math
@@ -21,10 +20,12 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 from ._config import Config
 from ._errors import L2BError
+from ._labels import read_table
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +164,17 @@ def markdown(rows: list[dict]) -> str:
 
 # training samples split by whether their label was flipped and what the final model predicts for them
 SAMPLE_GROUPS = (
-    ("clean, predicted right", lambda given, true, pred: given == true and pred == true),
-    ("clean, predicted wrong", lambda given, true, pred: given == true and pred != true),
-    ("flipped, predicted the true class", lambda given, true, pred: given != true and pred == true),
-    ("flipped, predicted the given label", lambda given, true, pred: given != true and pred == given),
-    ("flipped, predicted a third class", lambda given, true, pred: given != true and pred not in (given, true)),
+    ("clean, predicted right", lambda given, true, pred: (given == true) & (pred == true)),
+    ("clean, predicted wrong", lambda given, true, pred: (given == true) & (pred != true)),
+    ("flipped, predicted the true class", lambda given, true, pred: (given != true) & (pred == true)),
+    ("flipped, predicted the given label", lambda given, true, pred: (given != true) & (pred == given)),
+    ("flipped, predicted a third class", lambda given, true, pred: (given != true) & (pred != given) & (pred != true)),
 )
+
+
+def _nanmean(values) -> float:
+    values = values[~np.isnan(values)]
+    return float(values.mean()) if len(values) else math.nan
 
 
 def sample_groups(runs: list[Run]) -> list[dict]:
@@ -183,20 +189,20 @@ def sample_groups(runs: list[Run]) -> list[dict]:
         found = [p for p in (r.path / "per_sample.csv", r.path / "per_sample.csv.gz") if p.is_file()]
         if not found:
             continue
-        with (gzip.open if found[0].suffix == ".gz" else open)(found[0], "rt", newline="") as fh:
-            samples = list(csv.DictReader(fh))
+        table = read_table(found[0])
+        missing = {"given_label", "true_label", "pred_label", "alpha_mean", "beta_mean"} - set(table)
+        if missing:
+            raise L2BError(f"{found[0]}: no column {', '.join(sorted(missing))}")
         stats = []
         for _, member in SAMPLE_GROUPS:
-            got = [s for s in samples if member(s["given_label"], s["true_label"], s["pred_label"])]
-            mean = lambda key: _mean_std([float(s[key]) for s in got if s[key] not in ("", "nan")] or [math.nan])[0]  # noqa: E731
-            stats.append((100 * len(got) / len(samples), mean("alpha_mean"), mean("beta_mean")))
+            mask = member(table["given_label"], table["true_label"], table["pred_label"])
+            stats.append((100 * mask.mean(), _nanmean(table["alpha_mean"][mask]), _nanmean(table["beta_mean"][mask])))
         cells[(*r.group, float(r.summary["noise_rate"]), r.label)].append(stats)
     rows = []
     for (dataset, noise, rate, label), per_run in sorted(cells.items()):
         for k, (group, _) in enumerate(SAMPLE_GROUPS):
-            values = [run[k] for run in per_run]  # a group empty in a run has no mean weight there: skipped
-            share, alpha, beta = (_mean_std([v[j] for v in values if not math.isnan(v[j])] or [math.nan])[0]
-                                  for j in range(3))
+            values = np.array([run[k] for run in per_run])  # (runs, 3); a group empty in a run has no mean weight
+            share, alpha, beta = (_nanmean(values[:, j]) for j in range(3))
             rows.append({"dataset": dataset, "noise": noise, "noise_rate": rate, "method": label, "group": group,
                          "runs": len(per_run), "share_pct": share, "alpha": alpha, "beta": beta})
     return rows
