@@ -148,6 +148,15 @@ def normalize_table() -> str:
                       "and normalize-sigmoid.")
 
 
+def warmup_table() -> str:
+    """L2B and L2RW after 1 and 5 warm-up epochs of plain cross-entropy, seed by seed."""
+    results = ROOT / "docs" / "results"
+    rows = [(m, f"warm-up {w}", {"warmup_epochs": w}) for m in ("l2b", "l2rw") for w in (1, 5)]
+    return seed_table([RUNS / "sym40", results / "diagnosis", results / "warmup5"], rows, (0, *MAIN_SEEDS),
+                      "Run folders: seed 0 in docs/results/diagnosis, warm-up 1 in docs/results/runs/sym40, "
+                      "warm-up 5 in docs/results/warmup5.")
+
+
 # the paper's orderings, each as "a > b" (Table 1: L2B > L2RW > CE; Table 7: alpha = 0 < CE < beta = 0 < convex < L2B)
 ORDERINGS = [("l2b", "l2rw"), ("l2rw", "ce"), ("l2b", "ce"), ("ce", "l2b-alpha0"), ("l2b-convex", "l2rw"),
              ("l2b", "l2b-convex"), ("l2b", "glc")]
@@ -172,6 +181,40 @@ def orderings_table(runs: list) -> str:
     lines += ["", "Mean over seeds of the paired difference a - b in test accuracy at the best clean-validation "
               "epoch (points); in brackets, on how many seeds a > b of those both methods ran."]
     return "\n".join(lines)
+
+
+PHASES = [(2, 10), (11, 20), (21, 30), (31, 40)]  # epochs, 1-based and inclusive; epoch 1 is the CE warm-up
+
+
+def phases_table(runs: list) -> str:
+    """L2B against L2RW along training: per phase of the 40 epochs, the paired gap in clean-validation and
+    test accuracy (each run's mean over the phase's epochs) and the mean weights of flipped and clean samples."""
+    by_key = {}
+    for r in runs:
+        s = r.summary
+        if s["method"] in ("l2b", "l2rw") and s["seed"] in MAIN_SEEDS and len(r.metrics) == PHASES[-1][1]:
+            by_key[s["noise"], s["noise_rate"], s["seed"], s["method"]] = r.metrics
+    pairs = [(by_key[k], by_key[(*k[:3], "l2rw")]) for k in sorted(by_key) if k[3] == "l2b" and (*k[:3], "l2rw") in by_key]
+
+    def mean_over(metrics, first, last, key):
+        return statistics.mean(m[key] for m in metrics[first - 1 : last])
+
+    lines = ["| epochs | L2B - L2RW, clean-val acc | L2B - L2RW, test acc | L2RW: alpha flipped / clean | "
+             "L2B: alpha flipped / clean | L2B: beta flipped / clean |", "|---|---|---|---|---|---|"]
+    for first, last in PHASES:
+        texts = []
+        for key in ("val_acc", "test_acc"):
+            gaps = [mean_over(a, first, last, key) - mean_over(b, first, last, key) for a, b in pairs]
+            texts.append(f"{statistics.mean(gaps):+.2f} ({sum(g > 0 for g in gaps)}/{len(gaps)})")
+        for side, weight in ((1, "alpha"), (0, "alpha"), (0, "beta")):
+            flipped, clean = (statistics.mean(mean_over(p[side], first, last, f"{weight}_{g}") for p in pairs)
+                              for g in ("flipped", "clean"))
+            texts.append(f"{flipped:.3f} / {clean:.3f}")
+        lines.append(f"| {first}-{last} | " + " | ".join(texts) + " |")
+    lines += ["", f"{len(pairs)} pairs of runs (20/30/40/50% symmetric and 40% asymmetric noise, seeds 1-3, clean batch "
+              "100): each run's mean over the epochs of a phase, then the mean over pairs; in brackets, in how many "
+              "pairs L2B is ahead. Weights are per-epoch means of the meta steps (times the batch size)."]
+    return "\n".join(lines) if pairs else "No paired runs yet."
 
 
 def weights_table() -> str:
@@ -228,8 +271,10 @@ def render(runs: list) -> dict[str, str]:
         previous = source
     blocks["clean-batch"] = clean_batch_table()
     blocks["normalize"] = normalize_table()
+    blocks["warmup"] = warmup_table()
     blocks["orderings"] = orderings_table(runs)
     blocks["weights"] = weights_table()
+    blocks["phases"] = phases_table(runs)
     blocks["headline"] = headline(main_rows)
     return blocks
 
