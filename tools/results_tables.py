@@ -130,13 +130,13 @@ def seed_table(folders: list[Path], rows: list[tuple[str, str, dict]], seeds: tu
     return "\n".join(lines)
 
 
-def clean_batch_table() -> str:
-    """L2B and L2RW at clean batches of 100 and 500, seed by seed."""
+def one_change_table(key: str, values: tuple, setting: str, folder: str) -> str:
+    """L2B and L2RW at the budget's value of ``key`` and one other, seed by seed (seed 0: docs/results/diagnosis)."""
     results = ROOT / "docs" / "results"
-    rows = [(m, f"clean batch {b}", {"val_batch_size": b}) for m in ("l2b", "l2rw") for b in (100, 500)]
-    return seed_table([RUNS / "sym40", results / "diagnosis", results / "cleanbatch500"], rows, (0, *MAIN_SEEDS),
-                      "Run folders: seed 0 in docs/results/diagnosis, clean batch 100 in docs/results/runs/sym40, "
-                      "clean batch 500 in docs/results/cleanbatch500.")
+    rows = [(m, setting.format(v), {key: v}) for m in ("l2b", "l2rw") for v in values]
+    return seed_table([RUNS / "sym40", results / "diagnosis", results / folder], rows, (0, *MAIN_SEEDS),
+                      f"Run folders: seed 0 in docs/results/diagnosis, {setting.format(values[0])} in "
+                      f"docs/results/runs/sym40, {setting.format(values[1])} in docs/results/{folder}.")
 
 
 def normalize_table() -> str:
@@ -146,15 +146,6 @@ def normalize_table() -> str:
     return seed_table([RUNS / "sym40", results / "normalize-softmax", results / "normalize-sigmoid"], rows, MAIN_SEEDS,
                       "Run folders: `sum` in docs/results/runs/sym40, the others in docs/results/normalize-softmax "
                       "and normalize-sigmoid.")
-
-
-def warmup_table() -> str:
-    """L2B and L2RW after 1 and 5 warm-up epochs of plain cross-entropy, seed by seed."""
-    results = ROOT / "docs" / "results"
-    rows = [(m, f"warm-up {w}", {"warmup_epochs": w}) for m in ("l2b", "l2rw") for w in (1, 5)]
-    return seed_table([RUNS / "sym40", results / "diagnosis", results / "warmup5"], rows, (0, *MAIN_SEEDS),
-                      "Run folders: seed 0 in docs/results/diagnosis, warm-up 1 in docs/results/runs/sym40, "
-                      "warm-up 5 in docs/results/warmup5.")
 
 
 # the paper's orderings, each as "a > b" (Table 1: L2B > L2RW > CE; Table 7: alpha = 0 < CE < beta = 0 < convex < L2B)
@@ -281,9 +272,9 @@ def render(runs: list) -> dict[str, str]:
         blocks[name] = table(main_rows if len(spec) == 4 else all_rows, *spec[:4]) + "\n\n" + (
             "Runs: those of the table above." if source == previous else source)
         previous = source
-    blocks["clean-batch"] = clean_batch_table()
+    blocks["clean-batch"] = one_change_table("val_batch_size", (100, 500), "clean batch {}", "cleanbatch500")
     blocks["normalize"] = normalize_table()
-    blocks["warmup"] = warmup_table()
+    blocks["warmup"] = one_change_table("warmup_epochs", (1, 5), "warm-up {}", "warmup5")
     blocks["orderings"] = orderings_table(runs)
     blocks["weights"] = weights_table()
     blocks["phases"] = phases_table(runs)
