@@ -213,7 +213,8 @@ def phases_table(runs: list) -> str:
             for side, weight in ((1, "alpha"), (0, "alpha"), (0, "beta")):
                 means = [[mean_over(p[side], first, last, f"{weight}_{g}") for p in pairs] for g in ("flipped", "clean")]
                 texts.append("—" if None in means[0] else " / ".join(f"{statistics.mean(m):.3f}" for m in means))
-            lines.append(f"| {name}, {len(pairs)} pair{'s' if len(pairs) > 1 else ''} | {first}-{last} | " + " | ".join(texts) + " |")
+            count = f"{len(pairs)} pair{'s' if len(pairs) > 1 else ''}"
+            lines.append(f"| {name}, {count} | {first}-{last} | " + " | ".join(texts) + " |")
     lines += ["", "Pairs of runs with the same noise setting and seed (1-3): each run's mean over the epochs of a "
               "phase, then the mean over pairs; in brackets, in how many pairs L2B is ahead. Weights are per-epoch "
               "means over the meta steps (times the batch size; the warm-up epochs have none)."]
