@@ -3,7 +3,7 @@
 # Fashion-MNIST, at the budget of configs/fashion-mnist-*.yaml (3,000 noisy images, 1,000 clean, 40 epochs).
 #
 #   bash benchmarks/reproduce_fashion_mnist.sh OUT_DIR [PARALLEL] [extra l2b sweep flags, e.g. --device cuda]
-#   l2b report OUT_DIR/sym* OUT_DIR/asym40 --out docs/results/all   (cleanbatch500, normalize-*: see docs/RESULTS.md)
+#   l2b report OUT_DIR/sym* OUT_DIR/asym40 --out docs/results/all   (cleanbatch500, normalize-*, warmup5: see docs/RESULTS.md)
 #
 # Each job is one resumable `l2b sweep` (a method at a noise rate over its seeds); PARALLEL jobs run at
 # once. Rerunning skips finished runs, so an interrupted reproduction continues where it stopped.
@@ -28,6 +28,7 @@ jobs() {  # output folder, config, method, noise rates, seeds, extra flags; most
   for n in softmax sigmoid; do echo "normalize-$n sym40 l2b 0.4 1,2,3 --normalize $n"; done  # Fig. 3
   for m in l2b mlc; do echo "sym20 sym20 $m 0.1 1,2,3"; done
   echo "sym50 sym50 l2b-convex 0.5 1,2,3"  # the per-sample diagnosis of L2B against the convex mix
+  for m in l2b l2rw; do echo "warmup5 sym40 $m 0.4 1,2,3 --warmup-epochs 5"; done  # the warm-up diagnosis
 }
 
 jobs | while read -r dest cfg method rates seeds extra; do
