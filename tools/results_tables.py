@@ -11,6 +11,7 @@ table sits between `<!-- table:NAME -->` and `<!-- /table -->` and is replaced w
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import statistics
 import sys
@@ -103,10 +104,16 @@ def provenance(runs: list, noise: str, methods: list[str], rates: list[float], s
             ) if used else "Runs: none yet."
 
 
+@functools.cache
+def _folder_runs(folder: Path) -> tuple:
+    """The runs under one results folder, read once however many tables use it (none if it is missing)."""
+    return tuple(load_runs([folder])) if folder.is_dir() else ()
+
+
 def seed_table(folders: list[Path], rows: list[tuple[str, str, dict]], seeds: tuple[int, ...], note: str) -> str:
     """One row per (method, config values) and one column per seed: the best-val test accuracy with, in
     brackets, the clean-validation accuracy that chose the epoch; then the mean ± std over the seeds run."""
-    runs = load_runs([f for f in folders if f.is_dir()])
+    runs = [r for f in folders for r in _folder_runs(f)]
     cells = {}
     for r in runs:
         for k, (method, _, changed) in enumerate(rows):
@@ -196,7 +203,7 @@ def phases_table(runs: list) -> str:
     groups = [("default (clean batch 100, warm-up 1): 20-50% sym, 40% asym", _paired_metrics(runs))]
     for name, folder in (("clean batch 500: 40% sym", "cleanbatch500"), ("warm-up 5 epochs: 40% sym", "warmup5")):
         if (results / folder).is_dir():
-            groups.append((name, _paired_metrics(load_runs([results / folder]))))
+            groups.append((name, _paired_metrics(_folder_runs(results / folder))))
 
     def mean_over(metrics, first, last, key):  # weights exist only for the meta epochs (not the warm-up)
         values = [m[key] for m in metrics[first - 1 : last] if key in m]
@@ -212,7 +219,7 @@ def phases_table(runs: list) -> str:
                 texts.append(f"{statistics.mean(gaps):+.2f} ({sum(g > 0 for g in gaps)}/{len(gaps)})")
             for side, weight in ((1, "alpha"), (0, "alpha"), (0, "beta")):
                 means = [[mean_over(p[side], first, last, f"{weight}_{g}") for p in pairs] for g in ("flipped", "clean")]
-                texts.append("—" if None in means[0] else " / ".join(f"{statistics.mean(m):.3f}" for m in means))
+                texts.append("—" if any(None in m for m in means) else " / ".join(f"{statistics.mean(m):.3f}" for m in means))
             count = f"{len(pairs)} pair{'s' if len(pairs) > 1 else ''}"
             lines.append(f"| {name}, {count} | {first}-{last} | " + " | ".join(texts) + " |")
     lines += ["", "Pairs of runs with the same noise setting and seed (1-3): each run's mean over the epochs of a "
@@ -226,7 +233,7 @@ def weights_table() -> str:
     records (CPU runs): per group of training samples (clean or flipped, by the final model's prediction)
     its share and mean alpha / beta."""
     results = ROOT / "docs" / "results"
-    runs = [r for r in load_runs([RUNS, results / "cleanbatch500"])
+    runs = [r for r in load_runs([RUNS, results / "cleanbatch500"])  # one load: labels name what varies
             if r.summary["method"] in ("l2b", "l2rw", "l2b-convex") and r.summary["seed"] in MAIN_SEEDS]
     groups = {}
     for row in sample_groups(runs):
