@@ -149,17 +149,21 @@ def one_change_table(key: str, values: tuple, setting: str, folder: str) -> str:
                       f"docs/results/runs/sym40, {setting.format(values[1])} in docs/results/{folder}.")
 
 
+DIAGNOSIS = ("diagnosis", "lr0.15", "epochs80")  # folders under docs/results of the seed-0 one-change runs
+
+
+def setting(run) -> str:
+    """How a run differs from the budget, e.g. "clean batch 500" ("budget" if it does not)."""
+    changed = [CHANGE[k].format(run.config.get(k, v)) for k, v in BUDGET.items() if run.config.get(k, v) != v]
+    return ", ".join(changed) or "budget"
+
+
 def diagnosis_table() -> str:
     """Seed 0 at 40%: CE, L2B and L2RW at the budget and each one-change variant run at that seed, with the
     epoch model selection picked and the mean alpha of clean and flipped samples a quarter into training
     and at the last epoch."""
     results = ROOT / "docs" / "results"
-    runs = [r for f in ("diagnosis", "lr0.15", "epochs80") for r in _folder_runs(results / f) if r.summary["seed"] == 0]
-
-    def setting(run):
-        changed = [CHANGE[k].format(run.config.get(k, v)) for k, v in BUDGET.items() if run.config.get(k, v) != v]
-        return ", ".join(changed) or "budget"
-
+    runs = [r for f in DIAGNOSIS for r in _folder_runs(results / f) if r.summary["seed"] == 0]
     order = {m: k for k, m in enumerate(("ce", "l2b", "l2rw"))}
     runs.sort(key=lambda r: (setting(r) != "budget", setting(r), order.get(r.summary["method"], 3)))
     lines = ["| method | setting | best clean-val acc (epoch) | test at best val | test, last epoch | alpha clean / "
@@ -210,29 +214,39 @@ def orderings_table(runs: list) -> str:
     return "\n".join(lines)
 
 
-PHASES = [(2, 10), (11, 20), (21, 30), (31, 40)]  # epochs, 1-based and inclusive; epoch 1 is the CE warm-up
+def phases(epochs: int) -> list[tuple[int, int]]:
+    """The quarters of a run's epochs (1-based, inclusive), the first without epoch 1, the CE warm-up."""
+    q = epochs // 4
+    return [(2, q), (q + 1, 2 * q), (2 * q + 1, 3 * q), (3 * q + 1, epochs)]
 
 
-def _paired_metrics(runs: list) -> list[tuple[list, list]]:
-    """(L2B's, L2RW's) metrics lines of each noise setting and seed (1-3) that both ran for 40 epochs."""
+def _paired_metrics(runs, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[str, list[tuple[list, list]]]:
+    """Per setting (see ``setting``), the (L2B's, L2RW's) metrics lines of each noise setting and seed that
+    both ran, for as many epochs."""
     by_key = {}
     for r in runs:
         s = r.summary
-        if s["method"] in ("l2b", "l2rw") and s["seed"] in MAIN_SEEDS and len(r.metrics) == PHASES[-1][1]:
-            by_key[s["noise"], s["noise_rate"], s["seed"], s["method"]] = r.metrics
-    return [(by_key[k], by_key[(*k[:3], "l2rw")]) for k in sorted(by_key)
-            if k[3] == "l2b" and (*k[:3], "l2rw") in by_key]
+        if s["method"] in ("l2b", "l2rw") and s["seed"] in seeds:
+            by_key[setting(r), s["noise"], s["noise_rate"], s["seed"], s["method"]] = r.metrics
+    pairs = {}
+    for k in sorted(by_key):
+        other = (*k[:4], "l2rw")
+        if k[4] == "l2b" and other in by_key and len(by_key[k]) == len(by_key[other]):
+            pairs.setdefault(k[0], []).append((by_key[k], by_key[other]))
+    return pairs
 
 
 def phases_table(runs: list) -> str:
-    """L2B against L2RW along training: per phase of the 40 epochs, the paired gap in clean-validation and
-    test accuracy (each run's mean over the phase's epochs) and the mean weights of flipped and clean
-    samples; for the default budget (every noise setting) and the two changes tried at 40%."""
+    """L2B against L2RW along training: per quarter of the epochs, the paired gap in clean-validation and
+    test accuracy (each run's mean over the quarter's epochs) and the mean weights of flipped and clean
+    samples; for the default budget (every noise setting), the two changes run over seeds at 40%, and the
+    seed-0 runs of the diagnosis."""
     results = ROOT / "docs" / "results"
-    groups = [("default (clean batch 100, warm-up 1): 20-50% sym, 40% asym", _paired_metrics(runs))]
+    groups = [("default (clean batch 100, warm-up 1): 20-50% sym, 40% asym", _paired_metrics(runs).get("budget", []))]
     for name, folder in (("clean batch 500: 40% sym", "cleanbatch500"), ("warm-up 5 epochs: 40% sym", "warmup5")):
-        if (results / folder).is_dir():
-            groups.append((name, _paired_metrics(_folder_runs(results / folder))))
+        groups += [(name, pairs) for pairs in _paired_metrics(_folder_runs(results / folder)).values()]
+    diagnosis = _paired_metrics([r for f in DIAGNOSIS for r in _folder_runs(results / f)], seeds=(0,))
+    groups += [(f"seed 0, {change}: 40% sym", diagnosis[change]) for change in sorted(diagnosis, key=lambda c: c != "budget")]
 
     def mean_over(metrics, first, last, key):  # weights exist only for the meta epochs (not the warm-up)
         values = [m[key] for m in metrics[first - 1 : last] if key in m]
@@ -241,7 +255,7 @@ def phases_table(runs: list) -> str:
     lines = ["| setting | epochs | L2B - L2RW, clean-val acc | L2B - L2RW, test acc | L2RW: alpha flipped / "
              "clean | L2B: alpha flipped / clean | L2B: beta flipped / clean |", "|---|---|---|---|---|---|---|"]
     for name, pairs in groups:
-        for first, last in PHASES if pairs else ():
+        for first, last in phases(len(pairs[0][0])) if pairs else ():
             texts = []
             for key in ("val_acc", "test_acc"):
                 gaps = [mean_over(a, first, last, key) - mean_over(b, first, last, key) for a, b in pairs]
@@ -251,8 +265,8 @@ def phases_table(runs: list) -> str:
                 texts.append("—" if any(None in m for m in means) else " / ".join(f"{statistics.mean(m):.3f}" for m in means))
             count = f"{len(pairs)} pair{'s' if len(pairs) > 1 else ''}"
             lines.append(f"| {name}, {count} | {first}-{last} | " + " | ".join(texts) + " |")
-    lines += ["", "Pairs of runs with the same noise setting and seed (1-3): each run's mean over the epochs of a "
-              "phase, then the mean over pairs; in brackets, in how many pairs L2B is ahead. Weights are per-epoch "
+    lines += ["", "Pairs of runs with the same noise setting and seed (1-3; 0 in the seed-0 rows): each run's mean "
+              "over the epochs of a quarter of training, then the mean over pairs; in brackets, in how many pairs L2B is ahead. Weights are per-epoch "
               "means over the meta steps (times the batch size; the warm-up epochs have none)."]
     return "\n".join(lines)
 
