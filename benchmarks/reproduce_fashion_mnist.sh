@@ -3,7 +3,7 @@
 # Fashion-MNIST, at the budget of configs/fashion-mnist-*.yaml (3,000 noisy images, 1,000 clean, 40 epochs).
 #
 #   bash benchmarks/reproduce_fashion_mnist.sh OUT_DIR [PARALLEL] [extra l2b sweep flags, e.g. --device cuda]
-#   l2b report OUT_DIR/sym* OUT_DIR/asym40 --out docs/results/all   (cleanbatch500, normalize-*, warmup5: see docs/RESULTS.md)
+#   l2b report OUT_DIR/sym* OUT_DIR/asym40 --out docs/results/all   (the diagnosis folders: see docs/RESULTS.md)
 #
 # Each job is one resumable `l2b sweep` (a method at a noise rate over its seeds); PARALLEL jobs run at
 # once. Rerunning skips finished runs, so an interrupted reproduction continues where it stopped.
@@ -20,7 +20,8 @@ jobs() {  # output folder, config, method, noise rates, seeds, extra flags; most
   for m in l2b ce l2rw l2b-alpha0 l2b-convex; do echo "sym20 sym20 $m 0.2 1,2,3"; done
   for m in ce mwnet glc l2rw l2b; do echo "asym40 asym40 $m 0.4 1,2,3"; done
   echo "sym40 sym40 mlc 0.4 1,2,3"; echo "sym20 sym20 mlc 0.2 1,2,3"
-  for m in l2b l2rw; do echo "cleanbatch500 sym40 $m 0.4 1,2,3 --val-batch-size 500"; done  # the diagnosis
+  for m in ce l2b l2rw; do echo "diagnosis sym40 $m 0.4 0"; done  # the diagnosis: seed 0 and one change at a time
+  for m in l2b l2rw; do echo "cleanbatch500 sym40 $m 0.4 0,1,2,3 --val-batch-size 500"; done
   for r in 0.3 0.5; do for m in l2b ce l2rw ce+clean glc bootstrap-soft distill mlc; do
     echo "sym${r#0.}0 sym${r#0.}0 $m $r 1,2,3"; done; done
   for m in ce+clean glc bootstrap-soft distill; do echo "sym20 sym20 $m 0.2 1,2,3"; done
@@ -28,7 +29,8 @@ jobs() {  # output folder, config, method, noise rates, seeds, extra flags; most
   for n in softmax sigmoid; do echo "normalize-$n sym40 l2b 0.4 1,2,3 --normalize $n"; done  # Fig. 3
   for m in l2b mlc; do echo "sym20 sym20 $m 0.1 1,2,3"; done
   echo "sym50 sym50 l2b-convex 0.5 1,2,3"  # the per-sample diagnosis of L2B against the convex mix
-  for m in l2b l2rw; do echo "warmup5 sym40 $m 0.4 1,2,3 --warmup-epochs 5"; done  # the warm-up diagnosis
+  for m in l2b l2rw; do echo "warmup5 sym40 $m 0.4 0,1,2,3 --warmup-epochs 5"; done  # the warm-up diagnosis
+  for m in l2b l2rw; do echo "lr0.15 sym40 $m 0.4 0 --lr 0.15"; echo "epochs80 sym40 $m 0.4 0 --epochs 80"; done
 }
 
 jobs | while read -r dest cfg method rates seeds extra; do
