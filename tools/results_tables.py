@@ -173,7 +173,8 @@ def diagnosis_table() -> str:
         weights = [f"{m['alpha_clean']:.2f} / {m['alpha_flipped']:.2f} (epoch {m['epoch']})" if "alpha_clean" in m
                    else "—" for m in (r.metrics[len(r.metrics) // 4 - 1], r.metrics[-1])]
         lines.append(f"| {r.summary['method']} | {setting(r)} | {best['val_acc']:.1f} ({best['epoch']}) | "
-                     f"{r.summary['test_acc_best_val']:.2f} | {r.summary['test_acc_last']:.2f} | " + " | ".join(weights) + " |")
+                     f"{r.summary['test_acc_best_val']:.2f} | {r.summary['test_acc_last']:.2f} | "
+                     + " | ".join(weights) + " |")
     lines += ["", "40% symmetric noise, seed 0, 2 CPU cores; weights times the batch size (1 = an average sample's "
               "share). Run folders: docs/results/diagnosis, lr0.15 and epochs80."]
     return "\n".join(lines)
@@ -246,7 +247,8 @@ def phases_table(runs: list) -> str:
     for name, folder in (("clean batch 500: 40% sym", "cleanbatch500"), ("warm-up 5 epochs: 40% sym", "warmup5")):
         groups += [(name, pairs) for pairs in _paired_metrics(_folder_runs(results / folder)).values()]
     diagnosis = _paired_metrics([r for f in DIAGNOSIS for r in _folder_runs(results / f)], seeds=(0,))
-    groups += [(f"seed 0, {change}: 40% sym", diagnosis[change]) for change in sorted(diagnosis, key=lambda c: c != "budget")]
+    groups += [(f"seed 0, {change}: 40% sym", diagnosis[change])
+               for change in sorted(diagnosis, key=lambda c: c != "budget")]
 
     def mean_over(metrics, first, last, key):  # weights exist only for the meta epochs (not the warm-up)
         values = [m[key] for m in metrics[first - 1 : last] if key in m]
@@ -266,8 +268,9 @@ def phases_table(runs: list) -> str:
             count = f"{len(pairs)} pair{'s' if len(pairs) > 1 else ''}"
             lines.append(f"| {name}, {count} | {first}-{last} | " + " | ".join(texts) + " |")
     lines += ["", "Pairs of runs with the same noise setting and seed (1-3; 0 in the seed-0 rows): each run's mean "
-              "over the epochs of a quarter of training, then the mean over pairs; in brackets, in how many pairs L2B is ahead. Weights are per-epoch "
-              "means over the meta steps (times the batch size; the warm-up epochs have none)."]
+              "over the epochs of a quarter of training, then the mean over pairs; in brackets, in how many pairs "
+              "L2B is ahead. Weights are per-epoch means over the meta steps (times the batch size; the warm-up "
+              "epochs have none)."]
     return "\n".join(lines)
 
 
