@@ -145,8 +145,8 @@ def one_change_table(key: str, values: tuple, setting: str, folder: str) -> str:
     results = ROOT / "docs" / "results"
     rows = [(m, setting.format(v), {key: v}) for m in ("l2b", "l2rw") for v in values]
     return seed_table([RUNS / "sym40", results / "diagnosis", results / folder], rows, (0, *MAIN_SEEDS),
-                      f"Run folders: seed 0 in docs/results/diagnosis, {setting.format(values[0])} in "
-                      f"docs/results/runs/sym40, {setting.format(values[1])} in docs/results/{folder}.")
+                      f"Run folders: docs/results/diagnosis (the first seed-0 runs), docs/results/runs/sym40 "
+                      f"({setting.format(values[0])}, seeds 1-3) and docs/results/{folder} ({setting.format(values[1])}).")
 
 
 DIAGNOSIS = ("diagnosis", "lr0.15", "epochs80")  # folders under docs/results of the seed-0 one-change runs
@@ -329,6 +329,7 @@ def render(runs: list) -> dict[str, str]:
     blocks["clean-batch"] = one_change_table("val_batch_size", (100, 500), "clean batch {}", "cleanbatch500")
     blocks["normalize"] = normalize_table()
     blocks["warmup"] = one_change_table("warmup_epochs", (1, 5), "warm-up {}", "warmup5")
+    blocks["lr"] = one_change_table("lr", (0.05, 0.15), "lr {}", "lr0.15")
     blocks["diagnosis"] = diagnosis_table()
     blocks["orderings"] = orderings_table(runs)
     blocks["weights"] = weights_table()
