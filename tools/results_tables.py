@@ -146,7 +146,8 @@ def one_change_table(key: str, values: tuple, setting: str, folder: str) -> str:
     rows = [(m, setting.format(v), {key: v}) for m in ("l2b", "l2rw") for v in values]
     return seed_table([RUNS / "sym40", results / "diagnosis", results / folder], rows, (0, *MAIN_SEEDS),
                       f"Run folders: docs/results/diagnosis (the first seed-0 runs), docs/results/runs/sym40 "
-                      f"({setting.format(values[0])}, seeds 1-3) and docs/results/{folder} ({setting.format(values[1])}).")
+                      f"({setting.format(values[0])}, seeds 1-3) and docs/results/{folder} "
+                      f"({setting.format(values[1])}).")
 
 
 DIAGNOSIS = ("diagnosis", "lr0.15", "epochs80")  # folders under docs/results of the seed-0 one-change runs
