@@ -331,6 +331,7 @@ def render(runs: list) -> dict[str, str]:
     blocks["normalize"] = normalize_table()
     blocks["warmup"] = one_change_table("warmup_epochs", (1, 5), "warm-up {}", "warmup5")
     blocks["lr"] = one_change_table("lr", (0.05, 0.15), "lr {}", "lr0.15")
+    blocks["epochs"] = one_change_table("epochs", (40, 80), "{} epochs", "epochs80")
     blocks["diagnosis"] = diagnosis_table()
     blocks["orderings"] = orderings_table(runs)
     blocks["weights"] = weights_table()
