@@ -222,9 +222,9 @@ def phases(epochs: int) -> list[tuple[int, int]]:
     return [(2, q), (q + 1, 2 * q), (2 * q + 1, 3 * q), (3 * q + 1, epochs)]
 
 
-def _paired_metrics(runs, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[str, list[tuple[list, list]]]:
-    """Per setting (see ``setting``), the (L2B's, L2RW's) metrics lines of each noise setting and seed that
-    both ran, for as many epochs."""
+def _paired_metrics(runs, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[str, list[tuple[int, list, list]]]:
+    """Per setting (see ``setting``), the (seed, L2B's, L2RW's metrics lines) of each noise setting and seed
+    that both ran, for as many epochs."""
     by_key = {}
     for r in runs:
         s = r.summary
@@ -234,7 +234,7 @@ def _paired_metrics(runs, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[str, list
     for k in sorted(by_key):
         other = (*k[:4], "l2rw")
         if k[4] == "l2b" and other in by_key and len(by_key[k]) == len(by_key[other]):
-            pairs.setdefault(k[0], []).append((by_key[k], by_key[other]))
+            pairs.setdefault(k[0], []).append((k[3], by_key[k], by_key[other]))
     return pairs
 
 
@@ -247,9 +247,11 @@ def phases_table(runs: list) -> str:
     groups = [("default (clean batch 100, warm-up 1): 20-50% sym, 40% asym", _paired_metrics(runs).get("budget", []))]
     for name, folder in (("clean batch 500: 40% sym", "cleanbatch500"), ("warm-up 5 epochs: 40% sym", "warmup5")):
         groups += [(name, pairs) for pairs in _paired_metrics(_folder_runs(results / folder)).values()]
-    diagnosis = _paired_metrics([r for f in DIAGNOSIS for r in _folder_runs(results / f)], seeds=(0,))
-    groups += [(f"seed 0, {change}: 40% sym", diagnosis[change])
-               for change in sorted(diagnosis, key=lambda c: c != "budget")]
+    diagnosis = _paired_metrics([r for f in DIAGNOSIS for r in _folder_runs(results / f)], seeds=(0, *MAIN_SEEDS))
+    for change in sorted(diagnosis, key=lambda c: c != "budget"):
+        seeds = sorted({seed for seed, _, _ in diagnosis[change]})
+        named = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"  # seeds run in order
+        groups.append((f"{change}: 40% sym, {named}", diagnosis[change]))
 
     def mean_over(metrics, first, last, key):  # weights exist only for the meta epochs (not the warm-up)
         values = [m[key] for m in metrics[first - 1 : last] if key in m]
@@ -258,17 +260,17 @@ def phases_table(runs: list) -> str:
     lines = ["| setting | epochs | L2B - L2RW, clean-val acc | L2B - L2RW, test acc | L2RW: alpha flipped / "
              "clean | L2B: alpha flipped / clean | L2B: beta flipped / clean |", "|---|---|---|---|---|---|---|"]
     for name, pairs in groups:
-        for first, last in phases(len(pairs[0][0])) if pairs else ():
+        for first, last in phases(len(pairs[0][1])) if pairs else ():
             texts = []
             for key in ("val_acc", "test_acc"):
-                gaps = [mean_over(a, first, last, key) - mean_over(b, first, last, key) for a, b in pairs]
+                gaps = [mean_over(a, first, last, key) - mean_over(b, first, last, key) for _, a, b in pairs]
                 texts.append(f"{statistics.mean(gaps):+.2f} ({sum(g > 0 for g in gaps)}/{len(gaps)})")
-            for side, weight in ((1, "alpha"), (0, "alpha"), (0, "beta")):
+            for side, weight in ((2, "alpha"), (1, "alpha"), (1, "beta")):  # (seed, l2b, l2rw)
                 means = [[mean_over(p[side], first, last, f"{weight}_{g}") for p in pairs] for g in ("flipped", "clean")]
                 texts.append("—" if any(None in m for m in means) else " / ".join(f"{statistics.mean(m):.3f}" for m in means))
             count = f"{len(pairs)} pair{'s' if len(pairs) > 1 else ''}"
             lines.append(f"| {name}, {count} | {first}-{last} | " + " | ".join(texts) + " |")
-    lines += ["", "Pairs of runs with the same noise setting and seed (1-3; 0 in the seed-0 rows): each run's mean "
+    lines += ["", "Pairs of runs with the same noise setting and seed (1-3 unless a row names them): each run's mean "
               "over the epochs of a quarter of training, then the mean over pairs; in brackets, in how many pairs "
               "L2B is ahead. Weights are per-epoch means over the meta steps (times the batch size; the warm-up "
               "epochs have none)."]
