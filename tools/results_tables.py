@@ -113,28 +113,42 @@ def _folder_runs(folder: Path) -> tuple:
     return tuple(load_runs([folder])) if folder.is_dir() else ()
 
 
+def _changes(run) -> dict:
+    """The budget's settings that a run changes, with the run's values (empty for a run at the budget)."""
+    return {k: run.config.get(k, v) for k, v in BUDGET.items() if run.config.get(k, v) != v}
+
+
+def setting(run) -> str:
+    """How a run differs from the budget, e.g. "clean batch 500" ("budget" if it does not)."""
+    return ", ".join(CHANGE[k].format(v) for k, v in _changes(run).items()) or "budget"
+
+
+def _best_val_line(run) -> dict:
+    """The metrics line of the epoch that model selection picked (the run's summary records which)."""
+    return next(m for m in run.metrics if m["epoch"] == run.summary["best_val_epoch"])
+
+
 def seed_table(folders: list[Path], rows: list[tuple[str, str, dict]], seeds: tuple[int, ...], note: str) -> str:
     """One row per (method, config values) and one column per seed: the best-val test accuracy with, in
     brackets, the clean-validation accuracy that chose the epoch; then the mean ± std over the seeds run."""
     runs = [r for f in folders for r in _folder_runs(f)]
+    wanted = [{key: v for key, v in changed.items() if v != BUDGET[key]} for _, _, changed in rows]
     cells = {}
     for r in runs:
-        for k, (method, _, changed) in enumerate(rows):
-            want = {**BUDGET, **changed}  # the budget's settings but the ones this row changes
+        for k, (method, _, _) in enumerate(rows):
             if (r.summary["method"] == method and r.summary["noise_rate"] == 0.4 and r.summary["seed"] in seeds
-                    and all(r.config.get(key, BUDGET[key]) == value for key, value in want.items())):
-                best = max(r.metrics, key=lambda m: (m["val_acc"], -m["epoch"]))
-                cells[k, r.summary["seed"]] = (r.summary["test_acc_best_val"], best["val_acc"])
+                    and _changes(r) == wanted[k]):
+                cells[k, r.summary["seed"]] = (r.summary["test_acc_best_val"], _best_val_line(r)["val_acc"])
     lines = ["| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std (test) |",
              "|---|---|" + "---|" * (len(seeds) + 1)]
-    for k, (method, setting, _) in enumerate(rows):
+    for k, (method, label, _) in enumerate(rows):
         got = [cells.get((k, s)) for s in seeds]
         tests = [g[0] for g in got if g]
         mean = sum(tests) / len(tests) if tests else None
         std = (sum((t - mean) ** 2 for t in tests) / (len(tests) - 1)) ** 0.5 if len(tests) > 1 else None
         texts = [f"{g[0]:.2f} ({g[1]:.1f})" if g else "—" for g in got]
         summary = "—" if mean is None else cell({"last_mean": mean, "last_std": std, "runs": len(tests)}, "last")[0]
-        lines.append(f"| {method} | {setting} | " + " | ".join(texts) + f" | {summary} |")
+        lines.append(f"| {method} | {label} | " + " | ".join(texts) + f" | {summary} |")
     lines += ["", "Test accuracy at the epoch of best clean-validation accuracy (that validation accuracy in "
               "brackets), 40% symmetric noise. " + note]
     return "\n".join(lines)
@@ -153,12 +167,6 @@ def one_change_table(key: str, values: tuple, setting: str, folder: str) -> str:
 DIAGNOSIS = ("diagnosis", "lr0.15", "epochs80")  # folders under docs/results of the seed-0 one-change runs
 
 
-def setting(run) -> str:
-    """How a run differs from the budget, e.g. "clean batch 500" ("budget" if it does not)."""
-    changed = [CHANGE[k].format(run.config.get(k, v)) for k, v in BUDGET.items() if run.config.get(k, v) != v]
-    return ", ".join(changed) or "budget"
-
-
 def diagnosis_table() -> str:
     """Seed 0 at 40%: CE, L2B and L2RW at the budget and each one-change variant run at that seed, with the
     epoch model selection picked and the mean alpha of clean and flipped samples a quarter into training
@@ -170,14 +178,14 @@ def diagnosis_table() -> str:
     lines = ["| method | setting | best clean-val acc (epoch) | test at best val | test, last epoch | alpha clean / "
              "flipped, a quarter in | at the last epoch |", "|---|---|---|---|---|---|---|"]
     for r in runs:
-        best = max(r.metrics, key=lambda m: (m["val_acc"], -m["epoch"]))
+        best = _best_val_line(r)
         weights = [f"{m['alpha_clean']:.2f} / {m['alpha_flipped']:.2f} (epoch {m['epoch']})" if "alpha_clean" in m
                    else "—" for m in (r.metrics[len(r.metrics) // 4 - 1], r.metrics[-1])]
         lines.append(f"| {r.summary['method']} | {setting(r)} | {best['val_acc']:.1f} ({best['epoch']}) | "
                      f"{r.summary['test_acc_best_val']:.2f} | {r.summary['test_acc_last']:.2f} | "
                      + " | ".join(weights) + " |")
     lines += ["", "40% symmetric noise, seed 0, 2 CPU cores; weights times the batch size (1 = an average sample's "
-              "share). Run folders: docs/results/diagnosis, lr0.15 and epochs80."]
+              "share). Run folders: " + ", ".join(f"docs/results/{f}" for f in DIAGNOSIS) + "."]
     return "\n".join(lines)
 
 
@@ -250,8 +258,8 @@ def phases_table(runs: list) -> str:
     diagnosis = _paired_metrics([r for f in DIAGNOSIS for r in _folder_runs(results / f)], seeds=(0, *MAIN_SEEDS))
     for change in sorted(diagnosis, key=lambda c: c != "budget"):
         seeds = sorted({seed for seed, _, _ in diagnosis[change]})
-        named = f"seed {seeds[0]}" if len(seeds) == 1 else f"seeds {seeds[0]}-{seeds[-1]}"  # seeds run in order
-        groups.append((f"{change}: 40% sym, {named}", diagnosis[change]))
+        groups.append((f"{change}: 40% sym, seed{'s' * (len(seeds) > 1)} {','.join(map(str, seeds))}",
+                       diagnosis[change]))
 
     def mean_over(metrics, first, last, key):  # weights exist only for the meta epochs (not the warm-up)
         values = [m[key] for m in metrics[first - 1 : last] if key in m]
