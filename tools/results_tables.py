@@ -129,7 +129,8 @@ def _best_val_line(run) -> dict:
     return next(m for m in run.metrics if m["epoch"] == run.summary["best_val_epoch"])
 
 
-def seed_table(folders: list[Path], rows: list[tuple[str, str, dict]], seeds: tuple[int, ...], note: str) -> str:
+def seed_table(folders: list[Path], rows: list[tuple[str, str, dict]], seeds: tuple[int, ...], note: str,
+               rate: float = 0.4) -> str:
     """One row per (method, config values) and one column per seed: the best-val test accuracy with, in
     brackets, the clean-validation accuracy that chose the epoch; then the mean ± std over the seeds run."""
     runs = [r for f in folders for r in _folder_runs(f)]
@@ -137,7 +138,7 @@ def seed_table(folders: list[Path], rows: list[tuple[str, str, dict]], seeds: tu
     cells = {}
     for r in runs:
         for k, (method, _, _) in enumerate(rows):
-            if (r.summary["method"] == method and r.summary["noise_rate"] == 0.4 and r.summary["seed"] in seeds
+            if (r.summary["method"] == method and r.summary["noise_rate"] == rate and r.summary["seed"] in seeds
                     and _changes(r) == wanted[k]):
                 cells[k, r.summary["seed"]] = (r.summary["test_acc_best_val"], _best_val_line(r)["val_acc"])
     lines = ["| method | setting | " + " | ".join(f"seed {s}" for s in seeds) + " | mean ± std (test) |",
@@ -151,18 +152,21 @@ def seed_table(folders: list[Path], rows: list[tuple[str, str, dict]], seeds: tu
         summary = "—" if mean is None else cell({"last_mean": mean, "last_std": std, "runs": len(tests)}, "last")[0]
         lines.append(f"| {method} | {label} | " + " | ".join(texts) + f" | {summary} |")
     lines += ["", "Test accuracy at the epoch of best clean-validation accuracy (that validation accuracy in "
-              "brackets), 40% symmetric noise. " + note]
+              f"brackets), {100 * rate:g}% symmetric noise. " + note]
     return "\n".join(lines)
 
 
-def one_change_table(key: str, values: tuple, setting: str, folder: str) -> str:
-    """L2B and L2RW at the budget's value of ``key`` and one other, seed by seed (seed 0: docs/results/diagnosis)."""
+def one_change_table(key: str, values: tuple, setting: str, folder: str, rate: float = 0.4) -> str:
+    """L2B and L2RW at the budget's value of ``key`` and one other, seed by seed at symmetric noise ``rate``
+    (seed 0 at 40%: docs/results/diagnosis)."""
     results = ROOT / "docs" / "results"
     rows = [(m, setting.format(v), {key: v}) for m in ("l2b", "l2rw") for v in values]
-    return seed_table([RUNS / "sym40", results / "diagnosis", results / folder], rows, (0, *MAIN_SEEDS),
-                      f"Run folders: docs/results/diagnosis (the first seed-0 runs), docs/results/runs/sym40 "
-                      f"({setting.format(values[0])}, seeds 1-3) and docs/results/{folder} "
-                      f"({setting.format(values[1])}).")
+    budget, first = f"sym{100 * rate:g}", rate == 0.4  # the diagnosis began with seed 0 at 40%
+    return seed_table([RUNS / budget, results / "diagnosis", results / folder], rows, (0, *MAIN_SEEDS) if first
+                      else MAIN_SEEDS, "Run folders: " + ("docs/results/diagnosis (the first seed-0 runs), " if first
+                                                          else "") +
+                      f"docs/results/runs/{budget} ({setting.format(values[0])}, seeds 1-3) and "
+                      f"docs/results/{folder} ({setting.format(values[1])}).", rate)
 
 
 # folders under docs/results of the one-change runs at 40%: diagnosis holds the first seed-0 runs (CE, L2B and
@@ -256,11 +260,15 @@ def phases_table(runs: list) -> str:
     budget's own row there is seed 0, the seeds 1-3 being in the first)."""
     results = ROOT / "docs" / "results"
     groups = [("default (clean batch 100, warm-up 1): 20-50% sym, 40% asym", _paired_metrics(runs).get("budget", []))]
-    diagnosis = _paired_metrics([r for f in DIAGNOSIS for r in _folder_runs(results / f)], seeds=(0, *MAIN_SEEDS))
-    for change in sorted(diagnosis, key=lambda c: c != "budget"):  # each change pooled over every seed it ran
-        seeds = sorted({seed for seed, _, _ in diagnosis[change]})
-        groups.append((f"{change}: 40% sym, seed{'s' * (len(seeds) > 1)} {','.join(map(str, seeds))}",
-                       diagnosis[change]))
+    diagnosis = [r for f in DIAGNOSIS for r in _folder_runs(results / f)]
+    variants = []  # each change at each noise setting, pooled over every seed it ran
+    for noise, rate in sorted({(r.summary["noise"], r.summary["noise_rate"]) for r in diagnosis}):
+        same_noise = [r for r in diagnosis if (r.summary["noise"], r.summary["noise_rate"]) == (noise, rate)]
+        variants += [(change, f"{100 * rate:g}% {noise}", pairs)
+                     for change, pairs in _paired_metrics(same_noise, seeds=(0, *MAIN_SEEDS)).items()]
+    for change, noise, pairs in sorted(variants, key=lambda v: (v[0] != "budget", v[0], v[1] != "40% sym")):
+        seeds = sorted({seed for seed, _, _ in pairs})
+        groups.append((f"{change}: {noise}, seed{'s' * (len(seeds) > 1)} {','.join(map(str, seeds))}", pairs))
 
     def mean_over(metrics, first, last, key):  # weights exist only for the meta epochs (not the warm-up)
         values = [m[key] for m in metrics[first - 1 : last] if key in m]
@@ -343,6 +351,7 @@ def render(runs: list) -> dict[str, str]:
     blocks["warmup"] = one_change_table("warmup_epochs", (1, 5), "warm-up {}", "warmup5")
     blocks["lr"] = one_change_table("lr", (0.05, 0.15), "lr {}", "lr0.15")
     blocks["epochs"] = one_change_table("epochs", (40, 80), "{} epochs", "epochs80")
+    blocks["epochs-20"] = one_change_table("epochs", (40, 80), "{} epochs", "epochs80", rate=0.2)
     blocks["diagnosis"] = diagnosis_table()
     blocks["orderings"] = orderings_table(runs)
     blocks["weights"] = weights_table()
