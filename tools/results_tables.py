@@ -161,12 +161,13 @@ def one_change_table(key: str, values: tuple, setting: str, folder: str, rate: f
     (seed 0 at 40%: docs/results/diagnosis)."""
     results = ROOT / "docs" / "results"
     rows = [(m, setting.format(v), {key: v}) for m in ("l2b", "l2rw") for v in values]
-    budget, first = f"sym{100 * rate:g}", rate == 0.4  # the diagnosis began with seed 0 at 40%
-    return seed_table([RUNS / budget, results / "diagnosis", results / folder], rows, (0, *MAIN_SEEDS) if first
-                      else MAIN_SEEDS, "Run folders: " + ("docs/results/diagnosis (the first seed-0 runs), " if first
-                                                          else "") +
-                      f"docs/results/runs/{budget} ({setting.format(values[0])}, seeds 1-3) and "
-                      f"docs/results/{folder} ({setting.format(values[1])}).", rate)
+    budget = f"sym{100 * rate:g}"
+    seeds, note = MAIN_SEEDS, "Run folders: "
+    if rate == 0.4:  # the diagnosis began with seed 0 at 40%
+        seeds, note = (0, *MAIN_SEEDS), note + "docs/results/diagnosis (the first seed-0 runs), "
+    note += (f"docs/results/runs/{budget} ({setting.format(values[0])}, seeds 1-3) and docs/results/{folder} "
+             f"({setting.format(values[1])}).")
+    return seed_table([RUNS / budget, results / "diagnosis", results / folder], rows, seeds, note, rate)
 
 
 # folders under docs/results of the one-change runs at 40%: diagnosis holds the first seed-0 runs (CE, L2B and
@@ -179,7 +180,8 @@ def diagnosis_table() -> str:
     epoch model selection picked and the mean alpha of clean and flipped samples a quarter into training
     and at the last epoch."""
     results = ROOT / "docs" / "results"
-    runs = [r for f in DIAGNOSIS for r in _folder_runs(results / f) if r.summary["seed"] == 0]
+    runs = [r for f in DIAGNOSIS for r in _folder_runs(results / f)
+            if r.summary["seed"] == 0 and (r.summary["noise"], r.summary["noise_rate"]) == ("sym", 0.4)]
     order = {m: k for k, m in enumerate(("ce", "l2b", "l2rw"))}
     runs.sort(key=lambda r: (setting(r) != "budget", setting(r), order.get(r.summary["method"], 3)))
     lines = ["| method | setting | best clean-val acc (epoch) | test at best val | test, last epoch | alpha clean / "
@@ -256,8 +258,8 @@ def _paired_metrics(runs, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[str, list
 def phases_table(runs: list) -> str:
     """L2B against L2RW along training: per quarter of the epochs, the paired gap in clean-validation and
     test accuracy (each run's mean over the quarter's epochs) and the mean weights of flipped and clean
-    samples; for the default budget (every noise setting) and for each one-change variant at 40% (the
-    budget's own row there is seed 0, the seeds 1-3 being in the first)."""
+    samples; for the default budget (every noise setting) and for each one-change variant at each noise
+    setting it ran (the budget's own row there is seed 0 at 40%, the seeds 1-3 being in the first)."""
     results = ROOT / "docs" / "results"
     groups = [("default (clean batch 100, warm-up 1): 20-50% sym, 40% asym", _paired_metrics(runs).get("budget", []))]
     diagnosis = [r for f in DIAGNOSIS for r in _folder_runs(results / f)]
