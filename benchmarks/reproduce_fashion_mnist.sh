@@ -32,7 +32,7 @@ jobs() {  # output folder, config, method, noise rates, seeds, extra flags; most
   for m in l2b l2rw; do echo "warmup5 sym40 $m 0.4 0,1,2,3 --warmup-epochs 5"; done  # the warm-up diagnosis
   for m in l2b l2rw; do echo "lr0.15 sym40 $m 0.4 0,1,2 --lr 0.15"; echo "epochs80 sym40 $m 0.4 0,1,2 --epochs 80"; done
   for m in ce+clean bootstrap-soft distill; do echo "asym40 asym40 $m 0.4 1,2,3"; done  # the rest of Table 2
-  for m in l2b l2rw; do echo "epochs80 sym20 $m 0.2 1 --epochs 80"; done  # the 80-epoch reversal at 20%
+  for m in l2b l2rw; do echo "epochs80 sym20 $m 0.2 1,2 --epochs 80"; done  # the 80-epoch reversal at 20%
 }
 
 jobs | while read -r dest cfg method rates seeds extra; do
