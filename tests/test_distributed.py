@@ -78,6 +78,7 @@ def _worker(rank, world, out_dir):
     try:
         results = {case: _train(case, rank, world, nn.parallel.DistributedDataParallel) for case in CASES}
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # neither rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
