@@ -239,9 +239,9 @@ def phases(epochs: int) -> list[tuple[int, int]]:
     return [(2, q), (q + 1, 2 * q), (2 * q + 1, 3 * q), (3 * q + 1, epochs)]
 
 
-def _paired_metrics(runs, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[str, list[tuple[int, list, list]]]:
-    """Per setting (see ``setting``), the (seed, L2B's, L2RW's metrics lines) of each noise setting and seed
-    that both ran, for as many epochs."""
+def _paired_metrics(runs, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[tuple, list[tuple[int, list, list]]]:
+    """Per (setting (see ``setting``), noise, noise rate), the (seed, L2B's, L2RW's metrics lines) of each
+    seed that both ran, for as many epochs."""
     by_key = {}
     for r in runs:
         s = r.summary
@@ -251,7 +251,7 @@ def _paired_metrics(runs, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[str, list
     for k in sorted(by_key):
         other = (*k[:4], "l2rw")
         if k[4] == "l2b" and other in by_key and len(by_key[k]) == len(by_key[other]):
-            pairs.setdefault(k[0], []).append((k[3], by_key[k], by_key[other]))
+            pairs.setdefault(k[:3], []).append((k[3], by_key[k], by_key[other]))
     return pairs
 
 
@@ -261,16 +261,14 @@ def phases_table(runs: list) -> str:
     samples; for the default budget (every noise setting) and for each one-change variant at each noise
     setting it ran (the budget's own row there is seed 0 at 40%, the seeds 1-3 being in the first)."""
     results = ROOT / "docs" / "results"
-    groups = [("default (clean batch 100, warm-up 1): 20-50% sym, 40% asym", _paired_metrics(runs).get("budget", []))]
-    diagnosis = [r for f in DIAGNOSIS for r in _folder_runs(results / f)]
-    variants = []  # each change at each noise setting, pooled over every seed it ran
-    for noise, rate in sorted({(r.summary["noise"], r.summary["noise_rate"]) for r in diagnosis}):
-        same_noise = [r for r in diagnosis if (r.summary["noise"], r.summary["noise_rate"]) == (noise, rate)]
-        variants += [(change, f"{100 * rate:g}% {noise}", pairs)
-                     for change, pairs in _paired_metrics(same_noise, seeds=(0, *MAIN_SEEDS)).items()]
-    for change, noise, pairs in sorted(variants, key=lambda v: (v[0] != "budget", v[0], v[1] != "40% sym")):
-        seeds = sorted({seed for seed, _, _ in pairs})
-        groups.append((f"{change}: {noise}, seed{'s' * (len(seeds) > 1)} {','.join(map(str, seeds))}", pairs))
+    default = [p for (change, _, _), pairs in _paired_metrics(runs).items() if change == "budget" for p in pairs]
+    groups = [("default (clean batch 100, warm-up 1): 20-50% sym, 40% asym", default)]
+    # each change at each noise setting, pooled over every seed it ran
+    variants = _paired_metrics([r for f in DIAGNOSIS for r in _folder_runs(results / f)], seeds=(0, *MAIN_SEEDS))
+    for change, noise, rate in sorted(variants, key=lambda k: (k[0] != "budget", k[0], k[1:] != ("sym", 0.4))):
+        seeds = sorted({seed for seed, _, _ in variants[change, noise, rate]})
+        groups.append((f"{change}: {100 * rate:g}% {noise}, seed{'s' * (len(seeds) > 1)} "
+                       f"{','.join(map(str, seeds))}", variants[change, noise, rate]))
 
     def mean_over(metrics, first, last, key):  # weights exist only for the meta epochs (not the warm-up)
         values = [m[key] for m in metrics[first - 1 : last] if key in m]
