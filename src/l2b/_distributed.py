@@ -74,6 +74,13 @@ def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
     return info, device
 
 
+def finish() -> None:
+    """Wait until every rank has finished training: a rank that tears its process group down while another
+    still talks to it can abort the other ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args, argv: list[str]) -> int:
-    from ._distributed import launch, launched, strip_nproc, teardown
+    from ._distributed import finish, launch, launched, strip_nproc, teardown
     from ._train import train
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
@@ -193,6 +193,7 @@ def _train(args, argv: list[str]) -> int:
             return launch(nproc, argv)
         try:
             summary = train(None, resume=args.resume, progress=not args.quiet)
+            finish()
         finally:
             teardown()
     else:
@@ -203,6 +204,7 @@ def _train(args, argv: list[str]) -> int:
             return launch(cfg.nproc, strip_nproc(argv))  # K copies of this command, under torchrun
         try:
             summary = train(cfg, progress=not args.quiet)
+            finish()
         finally:
             teardown()
     if summary is not None:  # None on ranks other than 0
