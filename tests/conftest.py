@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from l2b._data import DEBIAN_FASHION_MNIST, read_idx
+from l2b.data.benchmarks import DEBIAN_FASHION_MNIST, read_idx
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""Properties of the baselines (l2b._baselines) that could fail."""
+"""Properties of the baselines (l2b.methods.simple, l2b.methods.metanet) that could fail."""
 
 import types
 
@@ -9,13 +9,13 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from l2b import create_model
-from l2b._baselines import (GLC, MWNet, Distill, LabelCorrectionNet, WeightNet, bootstrap_loss,
-                            estimate_corruption, mlc_meta_grad, mwnet_meta_grad)
-from l2b._config import Config
-from l2b._data import DeviceImages
-from l2b._meta import lookahead_affine, meta_mode
-from l2b._methods import PrepareContext, StepContext, create_method
-from l2b._train import fit_ce
+from l2b.methods.metanet import MWNet, LabelCorrectionNet, WeightNet, mlc_meta_grad, mwnet_meta_grad
+from l2b.methods.simple import GLC, Distill, bootstrap_loss, estimate_corruption
+from l2b import Config
+from l2b.data import DeviceImages
+from l2b.meta import lookahead_affine, meta_mode
+from l2b.methods import PrepareContext, StepContext, create_method
+from l2b.train import fit_ce
 
 
 @pytest.fixture(autouse=True)

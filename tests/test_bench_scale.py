@@ -1,7 +1,7 @@
 import pytest
 
 from l2b import L2BError
-from l2b._bench import bench_epoch, bench_step, bench_weights
+from l2b.apps.bench import bench_epoch, bench_step, bench_weights
 
 
 def test_bench_step_reports_fd_and_amp():

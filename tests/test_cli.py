@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-import l2b._data
+import l2b.data.benchmarks
 from l2b.cli import main
 
 SUMMARY_KEYS = {"method", "dataset", "noise", "noise_rate", "noise_rate_actual", "epochs", "seed", "test_acc_last",
@@ -45,8 +45,8 @@ def _one_error_line(capsys):
     (["train", "--noise-rate", "-0.1"], "noise_rate must be in"),
     (["train", "--lr", "0"], "lr must be in"),
     (["train", "--batch-size", "0"], "batch_size must be in"),
-    (["train", "--noise", "weird"], "noise model 'weird'"),
-    (["train", "--epochs", "two"], "invalid int value"),
+    (["train", "--noise", "weird"], "noise must be one of"),
+    (["train", "--epochs", "two"], "--epochs must be an integer, got 'two'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, expect, capsys, tiny_args, tmp_path):
     extra = [] if "--epochs" in argv else ["--out", str(tmp_path / "r")]
@@ -55,8 +55,8 @@ def test_bad_input_is_one_line_and_exit_2(argv, expect, capsys, tiny_args, tmp_p
 
 
 def test_missing_data_without_network(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(l2b._data, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
-    monkeypatch.setattr(l2b._data, "FASHION_MNIST_URL", "http://127.0.0.1:9/")  # refused at once
+    monkeypatch.setattr(l2b.data.benchmarks, "DEBIAN_FASHION_MNIST", tmp_path / "nowhere")
+    monkeypatch.setattr(l2b.data.benchmarks, "FASHION_MNIST_URL", "http://127.0.0.1:9/")  # refused at once
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("L2B_DATA", raising=False)
     assert main(["train", "--out", str(tmp_path / "r")]) == 2

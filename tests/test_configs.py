@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from l2b._config import load_yaml, make_config
-from l2b._methods import list_methods
+from l2b.config import load_yaml, make_config
+from l2b import list_methods
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -18,9 +18,10 @@ from torch import nn
 import l2b
 
 pytestmark = pytest.mark.xdist_group("ddp")  # one worker runs this module's process groups, in turn
-from l2b._checkpoint import safe_load
-from l2b._distributed import average_tensors, strip_nproc
-from l2b._methods import StepContext, create_method
+from l2b.train.checkpoint import safe_load
+from l2b.parallel import average_tensors
+from l2b.train.distributed import strip_nproc
+from l2b.methods import StepContext, create_method
 
 WORLD = 2
 FD_RELATIVE_ERROR = torch.finfo(torch.float64).eps ** 0.5  # rounding of a forward difference at its step
@@ -120,7 +121,7 @@ def test_strip_nproc():
 def test_cli_nproc_2_writes_one_run_folder(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from l2b._data import DEBIAN_FASHION_MNIST, fashion_mnist_dirs
+    from l2b.data.benchmarks import DEBIAN_FASHION_MNIST, fashion_mnist_dirs
 
     if not any((d / "train-images-idx3-ubyte.gz").is_file() for d in fashion_mnist_dirs(None)):
         pytest.skip(f"Fashion-MNIST is not installed ({DEBIAN_FASHION_MNIST})")

@@ -50,3 +50,8 @@ def test_method_anchors_follow_moved_code_and_report_edited_code(tmp_path):
 
     doc.write_text(doc.read_text() + "h is `src/l2b/_x.py:L1`.\n")  # a new anchor, not pinned yet
     assert "differ from the pinned ones" in run_tool("method_anchors.py", "--check", *root).stdout
+
+
+def test_options_md_is_generated_from_the_config_declarations():
+    done = run_tool("options_doc.py", "--check")
+    assert done.returncode == 0, done.stdout + done.stderr

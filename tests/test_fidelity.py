@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import functional_call
 
 from l2b import create_model, meta_weights
-from l2b._methods import StepContext, create_method
+from l2b.methods import StepContext, create_method
 from test_meta import _optimizer as _warm_optimizer  # SGD after two real steps: momentum buffers exist
 
 DTYPE = torch.float64
@@ -77,7 +77,7 @@ def test_convex_l2b_loss_is_the_bootstrapping_loss_in_value_and_gradient():
 
 def _lookahead_by_hand(p, state, group, first_step):
     """theta' (the look-ahead point at alpha = beta = 0) and s (the gradient's step), written out
-    from torch.optim.SGD's update rule for one parameter, independently of l2b._meta."""
+    from torch.optim.SGD's update rule for one parameter, independently of l2b.meta."""
     lr, mu, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
     buf = None if first_step else state.get("momentum_buffer")
     decay = wd * p.detach()

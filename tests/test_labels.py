@@ -11,12 +11,13 @@ import torch
 
 import l2b
 from l2b import cli
-from l2b._config import make_config
-from l2b._data import ImageData
-from l2b._errors import L2BError
-from l2b._labels import auroc, read_table
-from l2b._metaset import select_pseudo_meta
-from l2b._train import train
+from l2b import make_config
+from l2b import ImageData
+from l2b import L2BError
+from l2b.apps.labels import auroc
+from l2b.runfiles import read_table
+from l2b.data.metaset import select_pseudo_meta
+from l2b import train
 
 K = 3
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import l2b
 from l2b import create_model, meta_weights
-from l2b._reference import reference_meta_weights
+from l2b.reference import reference_meta_weights
 
 
 def _problem(dtype=torch.float64, seed=0, n=12, m=10):
@@ -161,7 +161,7 @@ def test_bad_mode_names_choices():
 
 def test_weighted_forward_equals_meta_weights_then_real_step():
     # the trainer's fused pass: same weights, same gradients, same BatchNorm statistics
-    from l2b._meta import weighted_forward
+    from l2b.meta import weighted_forward
 
     model, x, y, xv, yv = _problem(seed=7)
     opt = _optimizer(model, "nesterov", x, y)

@@ -5,10 +5,10 @@ import json
 import numpy as np
 import pytest
 
-from l2b import _noise
-from l2b._config import make_config
-from l2b._data import ImageData
-from l2b._errors import L2BError
+from l2b.data import noise as _noise
+from l2b import make_config
+from l2b import ImageData
+from l2b import L2BError
 
 
 def _labels(n_per_class=200, k=5, seed=0):

@@ -6,8 +6,9 @@ import yaml
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from l2b import _noise, normalize_weights
-from l2b._config import Config, make_config
+from l2b import normalize_weights
+from l2b.data import noise as _noise
+from l2b import Config, make_config
 
 GENERATORS = {"sym": _noise.symmetric, "pairflip": _noise.pairflip}
 labels_st = st.integers(2, 12).flatmap(
@@ -72,7 +73,7 @@ def test_normalisations_are_nonnegative_and_sum_to_one(raw, mode, normalize, tem
 @given(raw_st, st.floats(1e-4, 1e2))
 @example(raw=[0.0, 2.2250738585072014e-308], lr=0.5)  # a subnormal total must not be clamped
 def test_sum_normalisation_is_invariant_to_the_learning_rate(raw, lr):
-    # the raw weights are lr times inner products: under "sum" lr cancels (DESIGN §1.5)
+    # the raw weights are lr times inner products: under "sum" lr cancels (docs/METHOD.md, "Where l2b follows the published code")
     raw = torch.tensor(raw, dtype=torch.float64)
     n = len(raw) // 2
     a1, b1 = normalize_weights(raw[:n], raw[n : 2 * n], mode="l2b", normalize="sum")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from l2b._checkpoint import safe_load
+from l2b.train.checkpoint import safe_load
 from l2b.cli import main
 
 
@@ -105,7 +105,7 @@ def test_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path, capsys):
 
 
 def test_nan_stops_with_advice_and_keeps_last_good_state(tmp_path, tiny_args, capsys, monkeypatch):
-    from l2b import _methods
+    from l2b.methods import reweight as _methods
 
     real_step, calls = _methods.CrossEntropy.step, []
 
@@ -135,7 +135,7 @@ def test_nan_skip_counts_and_finishes(tmp_path, tiny_args, capsys):
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    from l2b._checkpoint import atomic_save
+    from l2b.train.checkpoint import atomic_save
 
     target = tmp_path / "c.pt"
     atomic_save({"a": torch.ones(3)}, target)
@@ -154,7 +154,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 def test_all_zero_meta_weights_are_counted_never_nan(tmp_path, tiny_args, monkeypatch):
     import json
 
-    from l2b import _meta
+    from l2b import meta as _meta
 
     monkeypatch.setattr(_meta, "normalize_weights", lambda a, b, **kw: (torch.zeros_like(a), torch.zeros_like(b)))
     run = tmp_path / "run"

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from l2b._checkpoint import safe_load
-from l2b._config import make_config
-from l2b._data import DeviceImages, ImageFiles, StreamingImages
-from l2b._datasets import load_dataset
-from l2b._errors import L2BError
-from l2b._train import prepare_data
+from l2b.train.checkpoint import safe_load
+from l2b import make_config
+from l2b.data.arrays import DeviceImages, StreamingImages
+from l2b.data.images import ImageFiles
+from l2b.data import load_dataset
+from l2b import L2BError
+from l2b.data import prepare_data
 from l2b.cli import main
 
 Image = pytest.importorskip("PIL.Image")

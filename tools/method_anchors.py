@@ -7,7 +7,8 @@
 Each anchor is pinned in docs/METHOD.anchors.json by the text of its first and last line (stripped).
 An edit above an anchor shifts the code, not the number; this tool finds the pinned pair of lines
 again (the occurrence nearest the old place, with the span length closest to the old one) and
-rewrites the number. An anchor whose first or last line was itself edited cannot be found: it is
+rewrites the number. Code moved to another file (its old file gone, or the pair no longer in it) is
+looked for in every file under src/l2b, and the anchor follows it when exactly one file has it. An anchor whose first or last line was itself edited cannot be found: it is
 reported, and the author corrects it by hand and pins again.
 """
 
@@ -67,9 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     for _, path, _, _ in found:
         if path not in files:
             if not (root / path).is_file():
-                print(f"METHOD.md anchors a file that does not exist: {path}")
-                return 1
+                if args.pin or args.check:
+                    print(f"METHOD.md anchors a file that does not exist: {path}")
+                    return 1
+                files[path] = []  # moved away: the pinned lines are looked for in the other files
+                continue
             files[path] = code_lines(root, path)
+    every = {str(f.relative_to(root)): None for f in sorted((root / "src" / "l2b").rglob("*.py"))}
 
     if args.pin:
         pins = []
@@ -94,13 +99,22 @@ def main(argv: list[str] | None = None) -> int:
         lines = files[path]
         if first <= last <= len(lines) and (lines[first - 1], lines[last - 1]) == (pin["first"], pin["last"]):
             continue
-        where = relocate(lines, pin, first, last)
+        where, new_path = relocate(lines, pin, first, last), path
+        if where is None:  # moved to another file?
+            hits = []
+            for other in every:
+                if other != path:
+                    found_at = relocate(files.setdefault(other, code_lines(root, other)), pin, first, last)
+                    if found_at is not None:
+                        hits.append((other, found_at))
+            if len(hits) == 1:
+                new_path, where = hits[0]
         if where is None:
             lost.append(f"{label(path, first, last)}: its pinned lines {pin['first']!r} ... {pin['last']!r} "
-                        "are gone (edited): correct the anchor by hand, then --pin")
+                        "are gone (edited, or found in several files): correct the anchor by hand, then --pin")
             continue
-        moved.append(f"{label(path, first, last)} -> {label(path, *where)}")
-        pieces += [text[pos:m.start()], f"`{label(path, *where)}`"]
+        moved.append(f"{label(path, first, last)} -> {label(new_path, *where)}")
+        pieces += [text[pos:m.start()], f"`{label(new_path, *where)}`"]
         pos = m.end()
     for line in moved + lost:
         print(line)

@@ -3,7 +3,7 @@
     python tools/results_tables.py            # rewrite the generated blocks
     python tools/results_tables.py --check    # exit 1 if a block differs from the run folders
 
-Every cell is the mean ± sample std over seeds that `l2b report` computes (l2b._report.aggregate);
+Every cell is the mean ± sample std over seeds that `l2b report` computes (l2b.apps.report.aggregate);
 a cell with fewer than 3 seeds says how many. The prose around the tables is written by hand; each
 table sits between `<!-- table:NAME -->` and `<!-- /table -->` and is replaced whole.
 """
@@ -17,7 +17,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from l2b._report import aggregate, load_runs, sample_groups
+from l2b.apps.report import aggregate, load_runs, sample_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "RESULTS.md"

@@ -10,67 +10,10 @@ import sys
 import typing
 from pathlib import Path
 
-from ._config import Config, load_yaml, make_config
-from ._errors import Interrupted, L2BError
-from ._methods import list_methods
-from ._models import list_models
-
-# help for `l2b train` flags; the flags themselves come from Config's fields
-TRAIN_HELP = {
-    "method": "training method (l2b: Algorithm 1; l2rw, l2b-alpha0, l2b-convex: the beta=0, alpha=0 "
-              "and alpha+beta=1 rows of Table 7): " + ", ".join(list_methods()),
-    "model": "model: " + ", ".join(list_models()),
-    "data_dir": "folder searched first for the data set's files",
-    "dataset": "fashion-mnist, cifar10, cifar100, isic2019, clothing1m, npz:PATH, folder:PATH or csv:PATH",
-    "noise": "noise model: none, sym (uniform over the other classes), uniform (over all classes, true one "
-             "included), asym (class map), pairflip (c -> c+1), instance (Xia et al. 2020), file:PATH (given labels)",
-    "noise_map": "asym: YAML/JSON class map {source: target} by index or name; a list must be a permutation",
-    "image_size": "resize images to SIZE x SIZE on loading (folders, CSV; ISIC2019/Clothing1M default 224)",
-    "split_file": "isic2019: CSV image,split (train|val|test) instead of the seeded paper split",
-    "balanced_batches": "if > 0, an epoch is this many class-balanced batches (Clothing1M: 250)",
-    "pretrained": "resnet18/resnet50: ImageNet weights from the local torch hub cache",
-    "noise_rate": "fraction of training labels changed, in [0, 1)",
-    "subset": "use N noisy training images (0 = all); the default keeps a run to minutes on 2 CPU cores",
-    "val_size": "clean (trusted) images carved from the training set, class-balanced; 0 = none (needs --meta-set pseudo)",
-    "augment": "random crop + horizontal flip on the device",
-    "epochs": "training epochs",
-    "warmup_epochs": "epochs of plain cross-entropy before a meta method starts (Algorithm 1's warm-up)",
-    "batch_size": "noisy images per step (n: the sums over i in eq. 5-10)",
-    "val_batch_size": "clean images per meta step (m: the clean loss G of the meta objective is their mean)",
-    "lr": "initial learning rate eta of the look-ahead (eq. 5-6) and the real step (eq. 10), cosine-decayed "
-          "to 0; it scales the raw weights, so it matters under softmax/sigmoid (eq. 13-14), not under sum",
-    "momentum": "SGD momentum; the look-ahead (eq. 5-6) uses it too, as the published code does",
-    "weight_decay": "SGD weight decay; the look-ahead (eq. 5-6) uses it too, as the published code does",
-    "grad_clip": "max gradient norm of the real step (eq. 10), not of the look-ahead; 0 disables",
-    "normalize": "meta-weight normalisation (l2b: all 2n weights together): sum (clamp at 0, eq. 8-9), softmax (eq. 14), "
-                 "sigmoid (eq. 13)",
-    "temperature": "softmax temperature T of eq. 14",
-    "bootstrap_beta": "bootstrap-soft/-hard: weight of the observed label (default 0.95 soft, 0.8 hard)",
-    "distill_lambda": "distill: weight of the teacher's prediction in the target; 0 = plain CE",
-    "stage1_epochs": "distill: teacher epochs on the clean set; glc: stage-1 epochs on the noisy set",
-    "mixup_alpha": "mixup: Beta(a, a) of the mixing coefficient; 0 = no mixing (plain CE)",
-    "meta_lr": "mwnet, mlc: Adam learning rate of the meta network",
-    "meta_hidden": "mwnet, mlc: hidden units of the meta network",
-    "meta_set": "meta set of the meta-weights: clean (the clean set) or pseudo (confident training samples "
-                "whose prediction agrees with their label, picked after warm-up; no clean set needed)",
-    "pseudo_size": "size of the pseudo meta set (class-balanced where every class has enough samples)",
-    "meta_confidence": "floor on the predicted probability of a pseudo meta sample (each class gives its most confident agreeing samples)",
-    "meta_refresh": "rebuild the pseudo meta set every N epochs after warm-up",
-    "eval_batch_size": "batch size of the per-epoch evaluation",
-    "checkpoint_every": "epochs between checkpoints (checkpoint.pt, used by --resume)",
-    "keep_checkpoints": "keep this many epoch checkpoints (1: only the latest)",
-    "on_nan": "on a NaN/inf loss: stop (save the last good state, exit 2) or skip the step and count it",
-    "seed": "seed of the split, the noise, the initialisation and the data order",
-    "device": "auto, cpu, cuda or cuda:N",
-    "meta_grad": "meta-gradient: exact (forward-mode JVP) or fd (finite difference: faster, approximate)",
-    "amp": "mixed precision: off, bf16 or fp16 (autocast; fp16 adds a GradScaler)",
-    "channels_last": "channels-last (NHWC) memory layout for conv nets",
-    "compile": "torch.compile the real forward (the meta passes stay eager)",
-    "nproc": "data-parallel processes (DDP; gloo on CPU, nccl on GPUs); same as torchrun --nproc_per_node",
-    "sync_bn": "convert BatchNorm to SyncBatchNorm under DDP (real forward; meta passes use per-rank statistics)",
-    "out": "run folder (must not exist); default runs/<time>-<method>",
-}
-
+from .config import Config, describe, load_yaml, make_config
+from .errors import Interrupted, L2BError
+from .models import list_models
+from .parallel import is_rank_zero, launched, rank_prefix
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own usage dump is noise here)
@@ -78,25 +21,46 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_config_flags(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per Config field, its help and valid values from the field's declaration (l2b.config.option)."""
     hints = typing.get_type_hints(Config)
+    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(Config):
         if f.name in skip:
             continue
+        meta = f.metadata
+        group = groups.get(meta["group"]) or groups.setdefault(meta["group"], parser.add_argument_group(meta["group"]))
         flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        base = next((a for a in typing.get_args(hint) if a is not type(None)), hint)
-        default_note = f" (default {f.default})"
+        base = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        valid = describe(f)
+        readers = f"; read by {', '.join(meta['methods'])}" if meta["methods"] else ""
+        text = f"{meta['help']} ({valid + '; ' if valid else ''}default {'unset' if f.default is None else f.default}{readers})"
+        text = text.replace("%", "%%")
         if base is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=TRAIN_HELP.get(f.name, "") + default_note)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
-            parser.add_argument(flag, type=base, default=None, metavar=f.name.upper(),
-                                help=TRAIN_HELP.get(f.name, "") + default_note)
+            group.add_argument(flag, type=_typed(base, flag), default=None, metavar=f.name.upper(), help=text)
+
+
+def _typed(base: type, flag: str):
+    """argparse type: a clear one-line error for a value that is not a number, and no NaN sneaking in as 'nan'."""
+    def convert(text: str):
+        try:
+            return base(text)
+        except ValueError:
+            kind = {int: "an integer", float: "a number"}.get(base, base.__name__)
+            raise argparse.ArgumentTypeError(f"{flag} must be {kind}, got {text!r}") from None
+
+    convert.__name__ = base.__name__
+    return convert
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="l2b", description="Learning to Bootstrap: training with noisy labels and a small clean set.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("--plugin", action="append", metavar="MODULE", default=[],
+                        help="import MODULE first (repeatable): its register_method/register_dataset/register_model "
+                             "calls add methods, data sets and models (docs/EXTENDING.md)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a model (default: L2B on Fashion-MNIST, 40%% symmetric noise)")
@@ -180,8 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _train(args, argv: list[str]) -> int:
-    from ._distributed import finish, launch, launched, strip_nproc, teardown
-    from ._train import train
+    from .train import train
+    from .train.distributed import finish, launch, strip_nproc, teardown
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     if args.resume:
@@ -228,7 +192,7 @@ def _split(text: str | None, kind, flag: str) -> list | None:
 
 
 def _sweep(args) -> int:
-    from ._sweep import plan_sweep, run_sweep
+    from .apps.sweep import plan_sweep, run_sweep
 
     values = load_yaml(args.config) if args.config else {}
     values.update({f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
@@ -250,7 +214,7 @@ def _sweep(args) -> int:
 
 
 def _report(args) -> int:
-    from ._report import write_report
+    from .apps.report import write_report
 
     out = args.out or (str(Path(args.runs[0]) / "report") if len(args.runs) == 1 else "report")
     result = write_report(args.runs, out, plots=not args.no_plots)
@@ -278,7 +242,7 @@ def format_summary(s: dict) -> str:
 def _data(args) -> int:
     if args.data_command != "check":
         raise L2BError("choose a data command: l2b data check")
-    from ._datasets import data_check, format_data_check
+    from .data.prepare import data_check, format_data_check
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
     values = load_yaml(args.config) if args.config else {}
@@ -289,7 +253,7 @@ def _data(args) -> int:
 
 
 def _labels(args) -> int:
-    from ._labels import cleanlab_scores, label_issues_for_run
+    from .apps.labels import cleanlab_scores, label_issues_for_run
 
     cleanlab = cleanlab_scores(args.run_dir) if args.compare_cleanlab else None  # fails early when missing
     issues, result = label_issues_for_run(args.run_dir, threshold=args.threshold)
@@ -315,11 +279,12 @@ def _predict(args, evaluate: bool) -> int:
 
     import numpy as np
 
-    from ._labels import write_table
-    from ._predict import confusion_matrix, load_run_model, plot_confusion, prediction_table, read_data
+    from .apps.predict import confusion_matrix, load_run_model, plot_confusion, prediction_table
+    from .data.user import read_inputs
+    from .runfiles import write_table
 
     rm = load_run_model(args.checkpoint, args.device)
-    data = read_data(args.data, rm.classes, rm.input_shape[-1] if len(rm.input_shape) == 3 else None)
+    data = read_inputs(args.data, rm.classes, rm.input_shape[-1] if len(rm.input_shape) == 3 else None)
     probs = rm.predict_proba(data.x, args.batch_size)
     if not evaluate:
         out = Path(args.out or Path(args.checkpoint) / "predictions.csv")
@@ -348,7 +313,7 @@ def _pct(v) -> str:
 
 
 def _bench(args) -> int:
-    from . import _bench as bench
+    from .apps import bench
 
     if args.bench_command == "data":
         result = bench.bench_data(data_dir=args.data_dir, subset=args.subset, batch_size=args.batch_size,
@@ -381,11 +346,47 @@ def _bench(args) -> int:
     return 0
 
 
+def version_line() -> str:
+    import torch
+
+    from .version import __version__
+
+    return f"l2b {__version__} (torch {torch.__version__})"
+
+
+def load_plugins(argv: list[str]) -> list[str]:
+    """Import the modules named by ``--plugin`` before the subcommand, and those of the ``l2b.plugins``
+    entry-point group of installed packages, so their registrations count in flags, help and validation."""
+    from importlib import import_module
+    from importlib.metadata import entry_points
+
+    names, i = [], 0
+    while i < len(argv) and argv[i].startswith("-"):
+        if argv[i] == "--plugin" and i + 1 < len(argv):
+            names.append(argv[i + 1])
+            i += 1
+        elif argv[i].startswith("--plugin="):
+            names.append(argv[i].split("=", 1)[1])
+        i += 1
+    for name in names:
+        try:
+            import_module(name)
+        except ImportError as exc:
+            raise L2BError(f"--plugin {name}: cannot import it ({exc}); is its folder on PYTHONPATH?") from None
+    for ep in entry_points(group="l2b.plugins"):
+        try:
+            ep.load()
+        except ImportError as exc:
+            raise L2BError(f"plugin {ep.name!r} of an installed package cannot be imported ({exc})") from None
+    return names
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
+        load_plugins(argv)
         args = build_parser().parse_args(argv)
         if args.command == "train":
             return _train(args, argv)
@@ -406,13 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     except L2BError as exc:
         if debug:
             raise
-        from ._distributed import rank_prefix
-
         print(f"l2b: error: {rank_prefix()}{exc}", file=sys.stderr)
         return 2
     except Interrupted as exc:
-        from ._distributed import is_rank_zero
-
         if is_rank_zero():  # every rank stopped at the same step; one says where to resume
             print(f"l2b: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -1,4 +1,4 @@
-"""A meta set without a clean set, and the model's probabilities over a whole image set.
+"""A meta set without a clean set.
 
 ``meta_set=pseudo`` (paper §4.4 names it future work, following Xu et al. 2021, "Faster meta update
 strategy for noise-robust deep learning"): after warm-up, the meta set is a class-balanced subset
@@ -12,28 +12,11 @@ from __future__ import annotations
 import logging
 
 import torch
-from torch import Tensor, nn
-
-from ._data import DeviceImages
+from torch import Tensor
 
 log = logging.getLogger(__name__)
 
-__all__ = ["predict_probs", "select_pseudo_meta"]
-
-
-@torch.no_grad()
-def predict_probs(model: nn.Module, images: DeviceImages, batch_size: int) -> Tensor:
-    """Softmax probabilities (N, K) of every image, in eval mode; restores the mode after."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(images), batch_size):
-        idx = torch.arange(start, min(start + batch_size, len(images)), device=images.device)
-        out.append(torch.softmax(model(images.batch(idx)).float(), 1))
-    model.train(was_training)
-    if not out:
-        return torch.zeros(0, 0)
-    return torch.cat(out)
+__all__ = ["select_pseudo_meta"]
 
 
 def select_pseudo_meta(probs: Tensor, labels: Tensor, *, size: int, confidence: float = 0.0) -> Tensor:

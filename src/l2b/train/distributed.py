@@ -1,19 +1,19 @@
-"""Data-parallel helpers: process group set-up, the meta step's all-reduces, launching K processes.
+"""Data-parallel training: process group set-up, the DDP wrapper, launching K processes.
 
 `torchrun --nproc_per_node K -m l2b train ...` (or `l2b train --nproc K`, which runs the same launcher)
-starts K processes; each trains on its shard of every global batch. The meta step (DESIGN §1
-"Multi-GPU") then matches one process over the global batch:
+starts K processes; each trains on its shard of every global batch. The meta step then matches one
+process over the global batch (the collectives are in ``l2b.parallel``):
 
-- the clean gradient v is taken on the unwrapped module, all-reduced and averaged (`average_tensors`);
+- the clean gradient v is taken on the unwrapped module, all-reduced and averaged;
 - the JVP is local (per-sample quantities need no communication);
-- the weights are normalised over the global batch (`all_reduce_scalar`: one sum, or a max and a sum);
+- the weights are normalised over the global batch (one scalar all-reduce: a sum, or a max and a sum);
 - the real step runs through DistributedDataParallel with the loss times the world size, since
   DDP averages gradients while the weighted loss is a sum over the global batch; its forward carries
   the JVP's tangent, as in one process.
 
-The trainer gathers each step's per-sample records (`all_gather_columns`), so every rank's records and
-the run's per_sample.csv cover the whole training set, and checkpoints hold every rank's random
-states (`gather_objects`), so a resumed data-parallel run continues as the uninterrupted one would.
+The trainer gathers each step's per-sample records, so every rank's records and the run's
+per_sample.csv cover the whole training set, and checkpoints hold every rank's random states, so a
+resumed data-parallel run continues as the uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch import Tensor, nn
+from torch import nn
 
-from ._errors import L2BError
+from ..errors import L2BError
+from ..parallel import launched
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DistInfo", "setup", "teardown", "average_tensors", "all_reduce_scalar", "all_gather_columns",
-           "gather_objects", "agree_on_step", "launch"]
+__all__ = ["DistInfo", "launched", "setup", "finish", "teardown", "wrap", "convert_sync_bn", "launch", "strip_nproc"]
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,6 @@ class DistInfo:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def launched() -> bool:
-    """True inside a process started by torchrun (or `l2b train --nproc`)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def setup(device: torch.device) -> tuple[DistInfo, torch.device]:
@@ -84,72 +79,6 @@ def finish() -> None:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def average_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The mean over ranks of a dict of tensors, as one flattened all-reduce (one message, not one per tensor)."""
-    if _world() == 1:
-        return tensors
-    names = list(tensors)
-    flat = torch.cat([tensors[n].reshape(-1) for n in names])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    out, offset = {}, 0
-    for n in names:
-        t = tensors[n]
-        out[n] = flat[offset : offset + t.numel()].view_as(t)
-        offset += t.numel()
-    return out
-
-
-def all_reduce_scalar(t: Tensor, op: str) -> Tensor:
-    """Sum or max of a 0-dim tensor over all ranks (a new tensor; ``t`` is left alone)."""
-    if _world() == 1:
-        return t
-    out = t.detach().clone()
-    dist.all_reduce(out, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return out
-
-
-def all_gather_columns(columns: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Each (n,) column concatenated over the ranks in rank order, in one message (same n on every rank).
-
-    The per-sample records of a step (indices, labels, weights): afterwards every rank holds the
-    global batch's, as one process would. Integers travel as float64, exact below 2**53.
-    """
-    world = _world()
-    if world == 1:
-        return columns
-    stacked = torch.stack([c.detach().to(torch.float64) for c in columns])  # (columns, n)
-    parts = [torch.empty_like(stacked) for _ in range(world)]
-    dist.all_gather(parts, stacked)
-    full = torch.cat(parts, dim=1)
-    return tuple(full[i].to(c.dtype) for i, c in enumerate(columns))
-
-
-def gather_objects(obj) -> list | None:
-    """``obj`` of every rank, in rank order (a collective: all ranks call it); None in one process."""
-    if _world() == 1:
-        return None
-    out = [None] * _world()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def agree_on_step(finite: bool, signum: int | None, device: torch.device) -> tuple[bool, int | None]:
-    """(every rank's loss is finite, the signal any rank received): all ranks then take the same branch.
-
-    A rank that skipped its backward or stopped alone would leave the others waiting in an all-reduce.
-    """
-    if _world() == 1:
-        return finite, signum
-    flags = torch.tensor([0 if finite else 1, signum or 0], dtype=torch.int64, device=device)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0] == 0), int(flags[1]) or None
 
 
 def wrap(model: nn.Module, info: DistInfo, device: torch.device) -> nn.Module:
@@ -204,14 +133,3 @@ def strip_nproc(argv: list[str]) -> list[str]:
             continue
         out.append(a)
     return out
-
-
-def is_rank_zero() -> bool:
-    """True in a single process and in rank 0 of a launched one (who speaks for the run)."""
-    return os.environ.get("RANK", "0") == "0"
-
-
-def rank_prefix() -> str:
-    """'[rank r] ' inside a launched process, '' otherwise (error lines say who failed)."""
-    return f"[rank {os.environ['RANK']}] " if launched() and os.environ.get("WORLD_SIZE", "1") != "1" else ""
-

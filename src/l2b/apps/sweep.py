@@ -14,8 +14,10 @@ from pathlib import Path
 
 import yaml
 
-from ._config import Config, make_config
-from ._errors import L2BError
+from ..config import Config, make_config
+from ..errors import L2BError
+from ..methods import list_methods
+from ..train import train
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +39,6 @@ def cell_name(method: str, noise: str, noise_rate: float, seed: int) -> str:
 
 def plan_sweep(base: dict, *, methods: list[str], noise_rates: list[float], seeds: list[int], out: Path) -> list[Cell]:
     """Validate every cell's config up front (a typo fails before any training)."""
-    from ._methods import list_methods
-
     for m in methods:
         if m not in list_methods():
             raise L2BError(f"--methods: unknown method {m!r}; choose from: {', '.join(list_methods())}")
@@ -55,8 +55,6 @@ def plan_sweep(base: dict, *, methods: list[str], noise_rates: list[float], seed
 
 def run_sweep(cells: list[Cell], *, progress: bool = False) -> list[Cell]:
     """Run the cells in order; never raises for one cell's failure (see each cell's status)."""
-    from ._train import train
-
     for i, cell in enumerate(cells, 1):
         run_dir = Path(cell.cfg.out)
         log.info("[%d/%d] %s", i, len(cells), cell.name)

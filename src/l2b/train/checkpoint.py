@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._errors import L2BError
+from ..errors import L2BError
 
 
 def atomic_save(obj, path: Path) -> None:

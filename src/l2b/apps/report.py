@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ._config import Config
-from ._errors import L2BError
-from ._labels import read_table
+from ..config import Config
+from ..errors import L2BError
+from ..runfiles import read_table
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,9 @@ def write_report(paths: list[str | Path], out: str | Path, *, plots: bool = True
         write_csv(groups, out / "sample_groups.csv")
         files.append(out / "sample_groups.csv")
     if plt is not None:
-        from . import _report_plots
+        from . import plots
 
-        for name, draw in _report_plots.PLOTS.items():
+        for name, draw in plots.PLOTS.items():
             why = draw(plt, runs, out / f"{name}.png")
             if why:
                 skipped[name] = why

@@ -1,41 +1,24 @@
-"""Datasets in memory, the clean/noisy split, and batches made on the training device.
+"""Data sets in memory, the clean/noisy split, and batches made on the training device.
 
 A data set is an :class:`ImageData` of uint8 arrays (N, C, H, W). The trainer moves it to the
 device once; a batch is an index gather, a float conversion and (optionally) augmentation, all on
-the device: no per-image Python loop.
+the device: no per-image Python loop. With ``--stream`` the images are files
+(:class:`l2b.data.images.ImageFiles`) decoded per batch by DataLoader workers (:class:`StreamingImages`).
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import logging
-import os
-import struct
-import urllib.request
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ._errors import L2BError
+from ..errors import L2BError
+from .images import ImageFiles
 
-log = logging.getLogger(__name__)
-
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]
-FASHION_MNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
-# MD5 of the canonical .gz files (as published with the data set)
-FASHION_MNIST_FILES = {
-    "train-images-idx3-ubyte.gz": "8d4fb7e6c68d591d4c3dfef9ec88bf0d",
-    "train-labels-idx1-ubyte.gz": "25c81989df183df01b3e8a0aad5dffbe",
-    "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
-    "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
-}
-DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+__all__ = ["ImageData", "DeviceImages", "StreamingImages", "device_images", "concat_images", "channel_stats",
+           "balanced_clean_split", "balanced_order", "random_crop_flip"]
 
 
 @dataclass
@@ -88,104 +71,6 @@ class ImageData:
         return tuple(self.x_train.shape[1:])
 
 
-# ---------------------------------------------------------------- Fashion-MNIST (IDX, gzip)
-
-def read_idx(path: Path) -> np.ndarray:
-    """Read one gzip-compressed IDX file (the MNIST format) into a uint8 array."""
-    try:
-        with gzip.open(path, "rb") as fh:
-            raw = fh.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise L2BError(f"{path}: not a readable gzip file ({exc}); delete it and fetch it again") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise L2BError(f"{path}: not an IDX file of unsigned bytes")
-    ndim = raw[3]
-    dims = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).copy()  # writable, owns its memory
-    if data.size != int(np.prod(dims)):
-        raise L2BError(f"{path}: truncated IDX file ({data.size} bytes for shape {dims})")
-    return data.reshape(dims)
-
-
-def fashion_mnist_dirs(data_dir: str | os.PathLike | None) -> list[Path]:
-    """Where Fashion-MNIST is looked for, in order."""
-    dirs = []
-    if data_dir:
-        dirs += [Path(data_dir), Path(data_dir) / "fashion-mnist"]
-    if os.environ.get("L2B_DATA"):
-        dirs += [Path(os.environ["L2B_DATA"]), Path(os.environ["L2B_DATA"]) / "fashion-mnist"]
-    dirs.append(cache_dir() / "fashion-mnist")
-    dirs.append(DEBIAN_FASHION_MNIST)
-    return dirs
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "l2b"
-
-
-def load_fashion_mnist(data_dir: str | os.PathLike | None = None, *, download: bool = True) -> ImageData:
-    """Fashion-MNIST (Xiao et al. 2017): 60,000 train and 10,000 test images, 1 x 28 x 28, 10 classes.
-
-    Looked for in ``data_dir``, ``$L2B_DATA``, the user cache dir and Debian's
-    /usr/share/datasets/fashion-mnist; fetched (MD5-checked) into the cache dir otherwise.
-    """
-    for d in fashion_mnist_dirs(data_dir):
-        if all((d / f).is_file() for f in FASHION_MNIST_FILES):
-            return _read_fashion_mnist(d)
-    target = cache_dir() / "fashion-mnist"
-    if download:
-        try:
-            _fetch(FASHION_MNIST_URL, FASHION_MNIST_FILES, target)
-            return _read_fashion_mnist(target)
-        except OSError as exc:
-            reason = f"fetching it failed ({exc})"
-    else:
-        reason = "fetching is disabled"
-    raise L2BError(
-        f"Fashion-MNIST not found and {reason}. Install Debian's package (apt-get install dataset-fashion-mnist), "
-        f"or put the four *-ubyte.gz files in a folder and pass --data-dir FOLDER (or set L2B_DATA)"
-    )
-
-
-def _read_fashion_mnist(folder: Path) -> ImageData:
-    x_train = read_idx(folder / "train-images-idx3-ubyte.gz")[:, None]
-    y_train = read_idx(folder / "train-labels-idx1-ubyte.gz").astype(np.int64)
-    x_test = read_idx(folder / "t10k-images-idx3-ubyte.gz")[:, None]
-    y_test = read_idx(folder / "t10k-labels-idx1-ubyte.gz").astype(np.int64)
-    for x, y, split in ((x_train, y_train, "train"), (x_test, y_test, "t10k")):
-        if len(x) != len(y):
-            raise L2BError(f"{folder}: {split} images ({len(x)}) and labels ({len(y)}) differ in length")
-    return ImageData("fashion-mnist", list(FASHION_MNIST_CLASSES), x_train, y_train, x_test, y_test)
-
-
-def _fetch(base_url: str, files: dict[str, str], target: Path, timeout: float = 30.0) -> None:
-    """Download files with MD5 checks; a partial or corrupt file never lands under its final name."""
-    target.mkdir(parents=True, exist_ok=True)
-    for name, md5 in files.items():
-        final = target / name
-        if final.is_file() and _md5(final) == md5:
-            continue
-        log.info("fetching %s%s", base_url, name)
-        tmp = final.with_suffix(final.suffix + ".part")
-        with urllib.request.urlopen(base_url + name, timeout=timeout) as resp, open(tmp, "wb") as out:
-            out.write(resp.read())
-        if _md5(tmp) != md5:
-            tmp.unlink(missing_ok=True)
-            raise OSError(f"checksum mismatch for {name}")
-        os.replace(tmp, final)
-
-
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- splits
-
 def balanced_clean_split(labels: np.ndarray, size: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of a class-balanced clean set of ``size`` samples (remainder spread over the first classes)."""
     per_class = np.full(num_classes, size // num_classes)
@@ -201,8 +86,6 @@ def balanced_clean_split(labels: np.ndarray, size: int, num_classes: int, rng: n
         picked.append(rng.choice(members, size=per_class[c], replace=False))
     return np.sort(np.concatenate(picked))
 
-
-# ---------------------------------------------------------------- batches on the device
 
 def _normalise(x: Tensor, scale: bool, mean: Tensor, std: Tensor, *, augment: bool, pad: int, flip: bool,
                generator: torch.Generator | None, dtype) -> Tensor:
@@ -239,66 +122,6 @@ class DeviceImages:
         # float inputs (feature vectors as (N, D, 1, 1)) are used as given
         return _normalise(self.x[idx], self.x.dtype == torch.uint8, self.mean, self.std, augment=augment, pad=pad,
                           flip=flip, generator=generator, dtype=dtype)
-
-
-class ImageFiles:
-    """Image files standing in for a uint8 array (N, C, size, size) that is never held in memory (``--stream``).
-
-    It has what the split and noise code reads from an array: ``len``, ``shape``, ``dtype``, ``ndim``,
-    indexing by an index array (another ImageFiles) and ``astype`` (decodes every file). ``decode(i)``
-    gives one image (C, size, size) exactly as the in-memory loader would (a grey file in a colour set
-    is repeated over the three channels).
-    """
-
-    dtype = np.dtype(np.uint8)
-    ndim = 4
-
-    def __init__(self, paths: list, size: int, channels: int):
-        self.paths, self.size, self.channels = list(paths), size, channels
-
-    @classmethod
-    def probe(cls, paths: list, size: int, sample: int = 1000, seed: int = 0) -> ImageFiles:
-        """The channel count from a seeded sample of up to ``sample`` files: 3 if any is in colour, else 1."""
-        pick = np.sort(np.random.default_rng(seed).choice(len(paths), min(sample, len(paths)), replace=False))
-        channels = max((cls(paths, size, 3)._decode(int(i)).shape[0] for i in pick), default=1)
-        return cls(paths, size, channels)
-
-    @property
-    def shape(self) -> tuple[int, int, int, int]:
-        return (len(self.paths), self.channels, self.size, self.size)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, idx) -> ImageFiles:
-        return ImageFiles([self.paths[int(i)] for i in np.asarray(idx).reshape(-1)], self.size, self.channels)
-
-    def concat(self, other: ImageFiles) -> ImageFiles:
-        assert (self.size, self.channels) == (other.size, other.channels)
-        return ImageFiles(self.paths + other.paths, self.size, self.channels)
-
-    def _decode(self, i: int) -> np.ndarray:
-        from ._datasets import _decode_one, _pil  # the one decoder of image files (it imports this module)
-
-        return _decode_one(_pil(), self.paths[i], self.size)
-
-    def decode(self, i: int) -> np.ndarray:
-        a = self._decode(i)  # (C, H, W) uint8
-        if a.shape[0] > self.channels:
-            raise L2BError(f"{self.paths[i]} is in colour, the sampled images of its split were grey; "
-                           "convert the images to one mode, or load without --stream")
-        return np.broadcast_to(a, (self.channels, *a.shape[1:]))
-
-    def sample(self, n: int, seed: int) -> np.ndarray:
-        """Up to ``n`` images (seeded, in file order; all of them when there are at most ``n``), uint8 (n, C, H, W)."""
-        pick = np.sort(np.random.default_rng(seed).choice(len(self), min(n, len(self)), replace=False))
-        return self[pick].astype(np.uint8)
-
-    def astype(self, dtype) -> np.ndarray:
-        out = np.empty(self.shape, dtype=np.uint8)
-        for i in range(len(self)):
-            out[i] = self.decode(i)
-        return out.astype(dtype, copy=False)
 
 
 def concat_images(a, b):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ._meta import meta_mode, normalize_weights
+from .meta import meta_mode, normalize_weights
 
 
 def sgd_lookahead(theta, grads, group_and_buf):

@@ -8,7 +8,6 @@ identity row.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from ._errors import L2BError, check_choice
+from ..config import NOISE_MODELS
+from ..errors import L2BError, check_choice
 
 __all__ = [
     "NoisyLabels", "symmetric", "uniform", "class_map_noise", "pairflip", "instance", "transition_matrix",
-    "cifar100_asym_map", "load_class_map", "load_label_file", "make_noise", "NOISE_MODELS",
+    "cifar100_asym_map", "load_class_map", "load_label_file", "make_noise",
     "FASHION_MNIST_ASYM_MAP", "CIFAR10_ASYM_MAP",
 ]
 
@@ -292,7 +292,6 @@ def load_label_file(path: str | Path, num_train: int, classes: list[str]) -> np.
 
 # ---------------------------------------------------------------- dispatch
 
-NOISE_MODELS = ("none", "sym", "uniform", "asym", "pairflip", "instance", "file:PATH")
 
 
 def make_noise(cfg, data, pool: np.ndarray, rng: np.random.Generator) -> NoisyLabels:
@@ -308,7 +307,7 @@ def make_noise(cfg, data, pool: np.ndarray, rng: np.random.Generator) -> NoisyLa
     if cfg.noise.startswith("file:"):
         given = load_label_file(cfg.noise[5:], len(data.y_train), data.classes)[pool]
         return _outcome(labels, given, k)
-    check_choice("noise model", cfg.noise, [m for m in NOISE_MODELS if m != "file:PATH"] + ["file:PATH"])
+    check_choice("noise model", cfg.noise, list(NOISE_MODELS) + ["file:PATH"])
     if data.noisy_train is not None:
         return _outcome(labels, data.noisy_train[pool], k)
     if cfg.noise == "none" or cfg.noise_rate == 0:

@@ -1,150 +1,30 @@
-"""Label issues from what L2B learns: the per-sample table of a run, a label-quality score, AUROC.
+"""Label issues from what L2B learns: a label-quality score per training sample, flags, AUROC.
 
-The trainer writes ``per_sample.csv`` (one row per training sample) at the end of a run; everything
-else here reads only run folders. Columns of ``per_sample.csv``:
-
-``index``               the sample's index in the data set's training split
-``given_label``         the observed label the model was trained on
-``true_label``          the true label (only where it is known, e.g. synthetic noise)
-``alpha_mean``          mean alpha over the meta steps after warm-up, times the batch size
-``beta_mean``           the same for beta (under ``sum`` an average sample has alpha + beta = 1)
-``disagreement_rate``   share of those steps whose pseudo-label differed from the given label
-``meta_steps``          how many meta steps saw the sample
-``last_pseudo``, ``last_prob``   the last pseudo-label and its (train-mode) probability
-``pred_label``, ``pred_prob``    the final model's class and probability (eval mode)
-``prob_given``          the final model's probability of the given label
-``path``                the sample's file, for data read from files
+Reads only run folders (``per_sample.csv``, see ``l2b.runfiles``).
 """
 
 from __future__ import annotations
 
-import csv
-import gzip
 import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
-from ._errors import L2BError
+from ..errors import L2BError
+from ..runfiles import PER_SAMPLE, read_table, write_table
 
 log = logging.getLogger(__name__)
 
-try:
-    import pyarrow  # noqa: F401
+__all__ = ["auroc", "label_quality", "find_label_issues", "evaluate_issues", "label_issues_for_run", "cleanlab_scores",
+           "DEFAULT_THRESHOLD"]
 
-    has_pyarrow = True
-except ImportError:
-    has_pyarrow = False
 
-__all__ = ["auroc", "label_quality", "find_label_issues", "evaluate_issues", "read_table", "write_table",
-           "per_sample_table", "DEFAULT_THRESHOLD"]
-
-PER_SAMPLE = "per_sample.csv"
 ISSUES = "label_issues.csv"
+
+
 DEFAULT_THRESHOLD = 0.5
 
-
-# ---------------------------------------------------------------- tables (dict of equal-length columns)
-
-def per_sample_table(records: dict, given: np.ndarray, indices: np.ndarray, probs: np.ndarray,
-                     true: np.ndarray | None = None, paths: list[str] | None = None) -> dict[str, np.ndarray]:
-    """The per-sample table of a run.
-
-    Parameters
-    ----------
-    records : dict
-        ``SampleRecords.state_dict()`` of the trainer: alpha_sum, beta_sum, count, disagree,
-        last_pseudo, last_prob, each (N,).
-    given : np.ndarray, shape (N,)
-        Observed labels.
-    indices : np.ndarray, shape (N,)
-        Index of each sample in the data set's training split (-1: not from it).
-    probs : np.ndarray, shape (N, K)
-        The final model's class probabilities of the training samples (eval mode).
-    true : np.ndarray, shape (N,), optional
-    paths : list of str, optional
-    """
-    rec = {k: np.asarray(v.cpu() if hasattr(v, "cpu") else v) for k, v in records.items()}
-    count = rec["count"].astype(np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        table = {
-            "index": np.asarray(indices, dtype=np.int64),
-            "given_label": np.asarray(given, dtype=np.int64),
-        }
-        if true is not None:
-            table["true_label"] = np.asarray(true, dtype=np.int64)
-        table.update({
-            "alpha_mean": np.where(count > 0, rec["alpha_sum"] / count, np.nan),
-            "beta_mean": np.where(count > 0, rec["beta_sum"] / count, np.nan),
-            "disagreement_rate": np.where(count > 0, rec["disagree"] / count, np.nan),
-            "meta_steps": rec["count"].astype(np.int64),
-            "last_pseudo": rec["last_pseudo"].astype(np.int64),
-            "last_prob": np.where(count > 0, rec["last_prob"], np.nan),
-            "pred_label": probs.argmax(1).astype(np.int64),
-            "pred_prob": probs.max(1),
-            "prob_given": probs[np.arange(len(given)), given],
-        })
-    if paths is not None:
-        table["path"] = np.asarray(paths, dtype=object)
-    return table
-
-
-def write_table(table: dict[str, np.ndarray], path: Path) -> None:
-    """CSV with a header; floats with 6 significant digits, NaN as ``nan``. Also parquet when pyarrow is installed."""
-    path = Path(path)
-    cols = list(table)
-    n = len(next(iter(table.values()))) if table else 0
-
-    def fmt(v):
-        if isinstance(v, (float, np.floating)):
-            return f"{v:.6g}"
-        return str(v.item() if hasattr(v, "item") else v)
-
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(cols)
-        for i in range(n):
-            w.writerow([fmt(table[c][i]) for c in cols])
-    if has_pyarrow and path.suffix == ".csv":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        pq.write_table(pa.table({c: list(v) if v.dtype == object else v for c, v in table.items()}),
-                       path.with_suffix(".parquet"))
-
-
-_INT_COLS = {"index", "given_label", "true_label", "meta_steps", "last_pseudo", "pred_label", "suggested_label"}
-_STR_COLS = {"path", "given_name", "suggested_name", "predicted_name"}
-
-
-def read_table(path: Path) -> dict[str, np.ndarray]:
-    """Read a table written by :func:`write_table` (or a gzip of it, ``*.gz``) back into typed columns."""
-    path = Path(path)
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="") as fh:
-            rows = list(csv.reader(fh))
-    except OSError as exc:
-        raise L2BError(f"cannot read {path}: {exc.strerror}") from None
-    if not rows:
-        raise L2BError(f"{path} is empty")
-    header, body = rows[0], rows[1:]
-    table = {}
-    for j, name in enumerate(header):
-        col = [r[j] for r in body]
-        if name in _STR_COLS:
-            table[name] = np.asarray(col, dtype=object)
-        elif name == "is_label_issue":
-            table[name] = np.asarray([v == "True" for v in col], dtype=bool)
-        else:
-            try:
-                table[name] = np.asarray(col, dtype=np.int64 if name in _INT_COLS else np.float64)
-            except ValueError:
-                raise L2BError(f"{path}: column {name!r} holds a value that is not a number") from None
-    return table
-
-
-# ---------------------------------------------------------------- the score
 
 def label_quality(table: dict[str, np.ndarray]) -> np.ndarray:
     """Label quality in [0, 1] per sample; lower = more likely a wrong label.
@@ -230,8 +110,6 @@ def find_label_issues(table: dict[str, np.ndarray], *, threshold: float = DEFAUL
         out["suggested_name"] = names[table["pred_label"]]
     return {k: np.asarray(v)[order] for k, v in out.items()}
 
-
-# ---------------------------------------------------------------- evaluation against the truth
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
     """Area under the ROC curve of ``scores`` (higher = more likely positive), ties counted half.

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._config import make_config
-from ._data import ImageData
-from ._errors import L2BError
-from ._labels import DEFAULT_THRESHOLD, find_label_issues, read_table
-from ._models import create_model
-from ._predict import RunModel
+from ..config import make_config
+from ..data.arrays import ImageData
+from ..errors import L2BError
+from ..runfiles import read_table
+from ..train import train
+from .labels import DEFAULT_THRESHOLD, find_label_issues
+from ..models import create_model
+from .predict import RunModel
 
 __all__ = ["L2BClassifier"]
 
@@ -121,7 +123,6 @@ class L2BClassifier:
         X_val, y_val : arrays, optional
             A small trusted set, same layout. Without it, ``meta_set`` must be ``auto`` or ``pseudo``.
         """
-        from ._train import train
 
         x, y_arr = _as_inputs(X, "X"), np.asarray(y)
         if y_arr.ndim != 1 or len(y_arr) != len(x):
@@ -204,7 +205,7 @@ class L2BClassifier:
     def label_issues(self, threshold: float = DEFAULT_THRESHOLD):
         """The training labels ranked by label quality, lowest (likeliest wrong) first.
 
-        Columns as ``l2b labels`` writes them (see ``l2b._labels.find_label_issues``); ``index``
+        Columns as ``l2b labels`` writes them (see ``l2b.apps.labels.find_label_issues``); ``index``
         is the row in the ``X`` given to ``fit``; labels are given as in ``y``.
         Returns a pandas DataFrame when pandas is installed, else a dict of arrays.
         """

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._errors import L2BError, check_choice
+from .errors import L2BError
+from .registry import MODELS
 
 __all__ = ["create_model", "register_model", "list_models"]
-
-_MODELS: dict[str, Callable[..., nn.Module]] = {}
-_NEEDS = {"resnet18": "torchvision", "resnet50": "torchvision"}  # optional models and what they need
 
 try:
     import torchvision
@@ -27,16 +24,11 @@ except ImportError:
 
 def register_model(name: str):
     """Decorator: make a model builder ``fn(num_classes, in_channels, **kw)`` available by name."""
-
-    def add(fn):
-        _MODELS[name] = fn
-        return fn
-
-    return add
+    return MODELS.register(name)
 
 
 def list_models() -> list[str]:
-    return sorted(_MODELS)
+    return MODELS.names()
 
 
 def create_model(name: str, *, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
@@ -47,18 +39,15 @@ def create_model(name: str, *, num_classes: int, in_channels: int = 3, **kwargs)
     >>> create_model("small-cnn", num_classes=10, in_channels=1)  # doctest: +ELLIPSIS
     SmallCNN(...)
     """
-    if name in _NEEDS and name not in _MODELS:
-        raise L2BError(f"model {name!r} needs {_NEEDS[name]}, which is not installed: pip install {_NEEDS[name]} "
-                       f"(or choose one of: {', '.join(list_models())})")
-    check_choice("model", name, _MODELS)
+    builder = MODELS.get(name)
     if num_classes < 2:
         raise L2BError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    accepted = inspect.signature(_MODELS[name]).parameters
+    accepted = inspect.signature(builder).parameters
     for k in kwargs:
         if k not in accepted:
             raise L2BError(f"model {name!r} has no option {k!r}")
-    return _MODELS[name](num_classes=num_classes, in_channels=in_channels, **kwargs)
+    return builder(num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -187,6 +176,8 @@ def _torchvision_resnet(arch: str, num_classes: int, in_channels: int, pretraine
     With ``pretrained``, ImageNet weights come from the local torch hub cache; a grey (1-channel) stem
     takes the sum of the RGB filters, other channel counts their mean repeated.
     """
+    if not has_torchvision:
+        raise L2BError(f"model {arch!r} needs torchvision, which is not installed: pip install torchvision")
     builder = getattr(torchvision.models, arch)
     net = builder(weights=None)
     if pretrained:
@@ -204,14 +195,33 @@ def _torchvision_resnet(arch: str, num_classes: int, in_channels: int, pretraine
     return net
 
 
-if has_torchvision:
+@register_model("resnet18")
+def resnet18(num_classes: int, in_channels: int = 3, pretrained: bool = False) -> nn.Module:
+    """torchvision ResNet-18 (the paper's Clothing1M model, with ImageNet weights); needs torchvision."""
+    return _torchvision_resnet("resnet18", num_classes, in_channels, pretrained)
 
-    @register_model("resnet18")
-    def resnet18(num_classes: int, in_channels: int = 3, pretrained: bool = False) -> nn.Module:
-        """torchvision ResNet-18 (the paper's Clothing1M model, with ImageNet weights)."""
-        return _torchvision_resnet("resnet18", num_classes, in_channels, pretrained)
 
-    @register_model("resnet50")
-    def resnet50(num_classes: int, in_channels: int = 3, pretrained: bool = False) -> nn.Module:
-        """torchvision ResNet-50 (the paper's ISIC2019 model, with ImageNet weights)."""
-        return _torchvision_resnet("resnet50", num_classes, in_channels, pretrained)
+@register_model("resnet50")
+def resnet50(num_classes: int, in_channels: int = 3, pretrained: bool = False) -> nn.Module:
+    """torchvision ResNet-50 (the paper's ISIC2019 model, with ImageNet weights); needs torchvision."""
+    return _torchvision_resnet("resnet50", num_classes, in_channels, pretrained)
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, images, batch_size: int) -> torch.Tensor:
+    """Softmax probabilities (N, K) of every image, in eval mode; restores the mode after.
+
+    ``images`` is anything with ``len()``, ``.device`` and ``.batch(idx)`` returning the normalised
+    float batch (``l2b.data.arrays.DeviceImages``, ``StreamingImages``).
+    """
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        idx = torch.arange(start, min(start + batch_size, len(images)), device=images.device)
+        out.append(torch.softmax(model(images.batch(idx)).float(), 1))
+    model.train(was_training)
+    if not out:
+        return torch.zeros(0, 0)
+    return torch.cat(out)
+

@@ -22,12 +22,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from ._meta import meta_weights
-from ._methods import PrepareContext, StepContext, create_method, list_methods
-from ._models import create_model
-from ._data import DeviceImages
-from ._errors import L2BError
-from ._reference import reference_meta_weights
+from ..meta import meta_weights
+from ..methods import PrepareContext, StepContext, create_method, list_methods
+from ..models import create_model
+from ..data.arrays import DeviceImages
+from ..errors import L2BError
+from ..reference import reference_meta_weights
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -300,8 +300,8 @@ def bench_data(*, data_dir: str | None = None, subset: int = 3000, batch_size: i
     The data feed is what the trainer does per batch (`DeviceImages.batch`); the CE epoch includes
     it. Epochs are interleaved ``repeats`` times and the medians compared.
     """
-    from ._data import DeviceImages, channel_stats, load_fashion_mnist
-    from ._errors import L2BError
+    from ..data.arrays import channel_stats
+    from ..data.benchmarks import load_fashion_mnist
 
     dev = torch.device(device)
     try:

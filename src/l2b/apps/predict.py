@@ -2,8 +2,7 @@
 
 The model is rebuilt from ``config.yaml`` (``create_model(cfg.model, num_classes, in_channels)``),
 its weights from ``checkpoint.pt`` (loaded without running code), its input normalisation from
-``normalization.json``. Data come from a source spec ``KIND:PATH``; each kind is a reader in
-``SOURCES`` returning :class:`Arrays`, so new kinds plug in there.
+``normalization.json``. Data come from a source spec ``KIND:PATH`` read by ``l2b.data.user.read_inputs``.
 """
 
 from __future__ import annotations
@@ -17,89 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._checkpoint import safe_load
-from ._config import load_yaml, make_config
-from ._errors import L2BError, check_choice
-from ._models import create_model
+from ..config import load_yaml, make_config
+from ..errors import L2BError
+from ..models import create_model
+from ..train.checkpoint import safe_load
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Arrays", "RunModel", "SOURCES", "read_data", "load_run_model", "confusion_matrix"]
-
-
-@dataclass
-class Arrays:
-    """Inputs (N, ...) with optional labels (N,) and source files (N,)."""
-
-    x: np.ndarray
-    y: np.ndarray | None = None
-    paths: list[str] | None = None
-
-
-def read_npz(path: str) -> Arrays:
-    """An ``.npz`` with inputs under ``x`` (or ``x_test``) and optional labels under ``y`` (or ``y_test``)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            keys = set(z.files)
-            xk = next((k for k in ("x", "x_test") if k in keys), None)
-            if xk is None:
-                raise L2BError(f"{path}: no array named 'x' or 'x_test' (found: {', '.join(sorted(keys)) or 'none'})")
-            yk = {"x": "y", "x_test": "y_test"}[xk]
-            return Arrays(z[xk], z[yk].astype(np.int64) if yk in keys else None)
-    except (OSError, ValueError) as exc:
-        raise L2BError(f"cannot read {path} as .npz ({exc})") from None
-
-
-def read_folder(path: str, classes: list[str], image_size: int | None) -> Arrays:
-    """Every image file under ``path`` (recursively, sorted). When the files sit in sub-folders named
-    after the run's classes, those names are the labels (for `l2b eval`)."""
-    from ._datasets import IMAGE_SUFFIXES, decode_images
-
-    root = Path(path)
-    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise L2BError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    parents = [f.parent.name for f in files]
-    labelled = all(f.parent != root for f in files) and set(parents) <= set(classes)
-    y = np.asarray([classes.index(c) for c in parents], dtype=np.int64) if labelled else None
-    return Arrays(decode_images(files, image_size), y, [str(f) for f in files])
-
-
-def read_csv(path: str, classes: list[str], image_size: int | None) -> Arrays:
-    """Rows ``path[,label]`` (a header row is allowed), paths relative to the CSV's folder and never
-    outside it; labels are class indices or the run's class names."""
-    from ._datasets import _inside, decode_images, read_listing
-
-    csv_path = Path(path)
-    rows = read_listing(csv_path, "path[,label]")
-    files = [_inside(csv_path.parent, r[0], csv_path) for r in rows]
-    y = None
-    if all(len(r) >= 2 and r[1] for r in rows):
-        names = [r[1] for r in rows]
-        if all(v in classes for v in names):
-            y = np.asarray([classes.index(v) for v in names], dtype=np.int64)
-        elif all(v.lstrip("-").isdigit() for v in names):
-            y = np.asarray([int(v) for v in names], dtype=np.int64)
-        else:
-            bad = next(v for v in names if v not in classes)
-            raise L2BError(f"{csv_path}: label {bad!r} is neither a class index nor one of {classes}")
-    return Arrays(decode_images(files, image_size), y, [str(f) for f in files])
-
-
-# kind -> reader(path, classes, image_size) -> Arrays
-SOURCES = {"npz": lambda path, classes, size: read_npz(path), "folder": read_folder, "csv": read_csv}
-
-
-def read_data(spec: str, classes: list[str] | None = None, image_size: int | None = None) -> Arrays:
-    """Read ``KIND:PATH`` (e.g. ``npz:test.npz``, ``folder:imgs``, ``csv:list.csv``) with the reader
-    registered for KIND; image files are decoded at ``image_size`` (the run's input size)."""
-    kind, sep, path = spec.partition(":")
-    if not sep or not path:
-        raise L2BError(f"--data must be KIND:PATH with KIND one of {', '.join(sorted(SOURCES))}, got {spec!r}")
-    check_choice("data source", kind, SOURCES)
-    if not Path(path).exists():
-        raise L2BError(f"--data {spec}: {path} does not exist")
-    return SOURCES[kind](path, list(classes or []), image_size)
+__all__ = ["RunModel", "load_run_model", "prediction_table", "confusion_matrix", "plot_confusion"]
 
 
 @dataclass

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 
-from ._errors import L2BError, check_choice
+from .errors import L2BError, check_choice
+from .parallel import all_reduce_scalar, average_tensors
 
 __all__ = ["MetaWeights", "meta_weights", "normalize_weights", "MODES", "NORMALIZATIONS", "META_GRADS"]
 
@@ -210,19 +211,28 @@ def _reducers(distributed: bool):
     """(reduce_direction, all_reduce) for data-parallel training, (None, None) in one process."""
     if not distributed:
         return None, None
-    from ._distributed import all_reduce_scalar, average_tensors
-
     return average_tensors, all_reduce_scalar
 
 
 def clean_direction(model, x_val, y_val, params, optimizer, reduce_direction=None) -> dict[str, Tensor]:
     """v = s * grad G(theta'): the clean-batch gradient at the look-ahead point, scaled per parameter."""
     shift, scale = lookahead_affine(params, optimizer)
-    theta_prime = {n: (p.detach() - shift[n]).requires_grad_(True) for n, p in params.items()}
-    clean_loss = F.cross_entropy(functional_call(model, theta_prime, (x_val,)), y_val)
-    grads = torch.autograd.grad(clean_loss, list(theta_prime.values()), allow_unused=True)
-    direction = {n: torch.zeros_like(p) if g is None else g * scale[n] for (n, p), g in zip(params.items(), grads)}
+    theta_prime = {n: p.detach() - shift[n] for n, p in params.items()}
+    direction, _ = scaled_clean_gradient(model, x_val, y_val, theta_prime, scale)
     return reduce_direction(direction) if reduce_direction is not None else direction
+
+
+def scaled_clean_gradient(model, x_val, y_val, point: dict[str, Tensor], scale: dict[str, float]):
+    """(v, G): G the mean clean cross-entropy at the parameters ``point``, v = scale * grad G there.
+
+    ``point`` maps parameter names to values (theta' for L2B; the meta-network baselines pass their
+    own look-ahead point, a gradient step past theta'). Call inside :func:`meta_mode`.
+    """
+    point = {n: t.detach().requires_grad_(True) for n, t in point.items()}
+    clean_loss = F.cross_entropy(functional_call(model, point, (x_val,)), y_val)
+    grads = torch.autograd.grad(clean_loss, list(point.values()), allow_unused=True)
+    direction = {n: torch.zeros_like(p) if g is None else g * scale[n] for (n, p), g in zip(point.items(), grads)}
+    return direction, clean_loss.detach()
 
 
 def dual_forward(model, x, params, direction) -> tuple[Tensor, Tensor]:

@@ -1,0 +1,238 @@
+"""Your own data: ``npz:PATH``, ``folder:PATH`` and ``csv:PATH``, for training (:data:`PATH_KINDS`)
+and for prediction and evaluation (:func:`read_inputs`).
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import L2BError, check_choice
+from ..registry import DATA_FORMATS
+from .arrays import ImageData
+from .images import IMAGE_SUFFIXES, decode_images, inside, load_images
+
+__all__ = ["PATH_KINDS", "load_npz", "load_folder", "load_csv", "read_listing", "Arrays", "read_inputs"]
+
+
+def to_nchw(x: np.ndarray, name: str) -> np.ndarray:
+    """Images N x H x W, N x H x W x C or N x C x H x W (uint8, or float in [0, 1] or [0, 255]) -> uint8 NCHW."""
+    if x.ndim == 3:
+        x = x[:, None]
+    elif x.ndim == 4:
+        if x.shape[1] not in (1, 3, 4) and x.shape[3] in (1, 3, 4):
+            x = x.transpose(0, 3, 1, 2)
+    else:
+        raise L2BError(f"{name}: images must be N x H x W, N x H x W x C or N x C x H x W, got shape {x.shape}")
+    if x.dtype == np.uint8:
+        return np.ascontiguousarray(x)
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise L2BError(f"{name}: images must be uint8 or float, got {x.dtype}")
+    x = x.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise L2BError(f"{name}: images contain NaN or infinity")
+    if x.size and x.max() <= 1.0:
+        x = x * 255.0  # float images in [0, 1]
+    return np.ascontiguousarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+
+
+def int_labels(y: np.ndarray, name: str) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise L2BError(f"{name}: labels must be 1-D, got shape {y.shape}")
+    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
+        raise L2BError(f"{name}: labels must be integers, got {y.dtype}")
+    y = y.astype(np.int64)
+    if y.size and y.min() < 0:
+        raise L2BError(f"{name}: negative label {int(y.min())}; labels are class indices 0..K-1")
+    return y
+
+
+def load_npz(path: Path, cfg) -> ImageData:
+    """``npz:PATH``: arrays x_train, y_train, x_test, y_test, optional x_val, y_val and classes."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise L2BError(f"npz file {path} not found") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise L2BError(f"{path}: not a readable .npz file ({exc})") from None
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise L2BError(f"{path}: missing array(s) {', '.join(missing)} (found {', '.join(sorted(arrays)) or 'none'})")
+    if ("x_val" in arrays) != ("y_val" in arrays):
+        raise L2BError(f"{path}: give both x_val and y_val, or neither")
+    splits = {}
+    for s in ("train", "val", "test"):
+        if f"x_{s}" not in arrays:
+            continue
+        x = to_nchw(arrays[f"x_{s}"], f"{path}: x_{s}")
+        y = int_labels(arrays[f"y_{s}"], f"{path}: y_{s}")
+        if len(x) != len(y):
+            raise L2BError(f"{path}: x_{s} has {len(x)} images but y_{s} has {len(y)} labels")
+        splits[s] = (x, y)
+    k = int(max(y.max() for _, y in splits.values() if y.size)) + 1
+    if "classes" in arrays:
+        classes = [str(c) for c in arrays["classes"]]
+        if len(classes) < k:
+            raise L2BError(f"{path}: label {k - 1} is out of range for the {len(classes)} names in 'classes'")
+    else:
+        classes = [str(c) for c in range(k)]
+    val = splits.get("val", (None, None))
+    return ImageData(f"npz:{path}", classes, *splits["train"], *splits["test"], x_val=val[0], y_val=val[1])
+
+
+def load_folder(root: Path, cfg) -> ImageData:
+    """``folder:PATH``: ``train/``, ``test/`` and optional ``val/`` (the clean set), one sub-folder per class."""
+    if not (root / "train").is_dir() or not (root / "test").is_dir():
+        raise L2BError(f"{root}: expected train/ and test/ (and optionally val/) with one sub-folder per class")
+    classes = sorted(d.name for d in (root / "train").iterdir() if d.is_dir())
+    if not classes:
+        raise L2BError(f"{root / 'train'}: no class sub-folders")
+    index = {c: i for i, c in enumerate(classes)}
+    splits = {}
+    for s in ("train", "val", "test"):
+        if not (root / s).is_dir():
+            continue
+        paths, labels = [], []
+        for d in sorted(p for p in (root / s).iterdir() if p.is_dir()):
+            if d.name not in index:
+                raise L2BError(f"{d}: class {d.name!r} is not among the training classes {classes}")
+            files = sorted(f for f in d.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            paths += files
+            labels += [index[d.name]] * len(files)
+        splits[s] = (load_images(paths, cfg.image_size, cfg), np.asarray(labels, dtype=np.int64), paths)
+    val = splits.get("val", (None, None, None))
+    return ImageData(f"folder:{root}", classes, splits["train"][0], splits["train"][1], splits["test"][0],
+                     splits["test"][1], x_val=val[0], y_val=val[1], paths=[str(p) for p in splits["train"][2]])
+
+
+SPLIT_NAMES = {"train": "train", "val": "val", "clean": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+def read_listing(path: Path, expected: str) -> list[list[str]]:
+    """The non-empty rows of a CSV listing of image files, cells stripped, without a header row."""
+    try:
+        with open(path, newline="") as fh:
+            rows = [[c.strip() for c in r] for r in csv.reader(fh) if r and any(c.strip() for c in r)]
+    except OSError as exc:
+        raise L2BError(f"cannot read {path}: {exc.strerror}") from None
+    if rows and rows[0][0].lower() in ("path", "file", "filename", "image"):
+        rows = rows[1:]
+    if not rows:
+        raise L2BError(f"{path}: no rows (expected {expected})")
+    return rows
+
+
+def load_csv(path: Path, cfg) -> ImageData:
+    """``csv:PATH``: rows ``path,label[,split]``, paths relative to the CSV's folder; labels are indices or
+    names; split is train, val (clean) or test. Without a split column a seeded 20% of rows is the test set."""
+    rows = read_listing(path, "path,label[,split]")
+    root = path.parent
+    files, labels, split = [], [], []
+    for i, r in enumerate(rows, 1):
+        if len(r) not in (2, 3):
+            raise L2BError(f"{path}: row {i} has {len(r)} columns, expected path,label[,split]")
+        files.append(inside(root, r[0], path))
+        labels.append(r[1])
+        if len(r) == 3:
+            if r[2].lower() not in SPLIT_NAMES:
+                raise L2BError(f"{path}: row {i}: split {r[2]!r} is not train, val or test")
+            split.append(SPLIT_NAMES[r[2].lower()])
+    if split and len(split) != len(rows):
+        raise L2BError(f"{path}: give a split on every row or on none")
+    if all(v.lstrip("-").isdigit() for v in labels):
+        y = np.asarray([int(v) for v in labels], dtype=np.int64)
+        if y.min() < 0:
+            raise L2BError(f"{path}: negative label {int(y.min())} on row {int(np.argmin(y)) + 1}")
+        classes = [str(c) for c in range(int(y.max()) + 1)]
+    else:
+        classes = sorted(set(labels))
+        y = np.asarray([classes.index(v) for v in labels], dtype=np.int64)
+    split = np.asarray(split) if split else np.where(
+        np.random.default_rng(cfg.seed).random(len(rows)) < 0.2, "test", "train")
+    x = load_images(files, cfg.image_size, cfg)
+    part = {s: np.flatnonzero(split == s) for s in ("train", "val", "test")}
+    has_val = part["val"].size > 0
+    return ImageData(f"csv:{path}", classes, x[part["train"]], y[part["train"]], x[part["test"]], y[part["test"]],
+                     x_val=x[part["val"]] if has_val else None, y_val=y[part["val"]] if has_val else None,
+                     paths=[str(files[i]) for i in part["train"]])
+
+
+PATH_KINDS = {"npz": load_npz, "folder": load_folder, "csv": load_csv}
+for _kind, _loader in PATH_KINDS.items():
+    DATA_FORMATS.register(_kind)(_loader)
+
+
+@dataclass
+class Arrays:
+    """Inputs (N, ...) with optional labels (N,) and source files (N,)."""
+
+    x: np.ndarray
+    y: np.ndarray | None = None
+    paths: list[str] | None = None
+
+
+def read_npz(path: str) -> Arrays:
+    """An ``.npz`` with inputs under ``x`` (or ``x_test``) and optional labels under ``y`` (or ``y_test``)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            keys = set(z.files)
+            xk = next((k for k in ("x", "x_test") if k in keys), None)
+            if xk is None:
+                raise L2BError(f"{path}: no array named 'x' or 'x_test' (found: {', '.join(sorted(keys)) or 'none'})")
+            yk = {"x": "y", "x_test": "y_test"}[xk]
+            return Arrays(z[xk], z[yk].astype(np.int64) if yk in keys else None)
+    except (OSError, ValueError) as exc:
+        raise L2BError(f"cannot read {path} as .npz ({exc})") from None
+
+
+def read_folder(path: str, classes: list[str], image_size: int | None) -> Arrays:
+    """Every image file under ``path`` (recursively, sorted). When the files sit in sub-folders named
+    after the run's classes, those names are the labels (for `l2b eval`)."""
+    root = Path(path)
+    files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise L2BError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    parents = [f.parent.name for f in files]
+    labelled = all(f.parent != root for f in files) and set(parents) <= set(classes)
+    y = np.asarray([classes.index(c) for c in parents], dtype=np.int64) if labelled else None
+    return Arrays(decode_images(files, image_size), y, [str(f) for f in files])
+
+
+def read_csv(path: str, classes: list[str], image_size: int | None) -> Arrays:
+    """Rows ``path[,label]`` (a header row is allowed), paths relative to the CSV's folder and never
+    outside it; labels are class indices or the run's class names."""
+    csv_path = Path(path)
+    rows = read_listing(csv_path, "path[,label]")
+    files = [inside(csv_path.parent, r[0], csv_path) for r in rows]
+    y = None
+    if all(len(r) >= 2 and r[1] for r in rows):
+        names = [r[1] for r in rows]
+        if all(v in classes for v in names):
+            y = np.asarray([classes.index(v) for v in names], dtype=np.int64)
+        elif all(v.lstrip("-").isdigit() for v in names):
+            y = np.asarray([int(v) for v in names], dtype=np.int64)
+        else:
+            bad = next(v for v in names if v not in classes)
+            raise L2BError(f"{csv_path}: label {bad!r} is neither a class index nor one of {classes}")
+    return Arrays(decode_images(files, image_size), y, [str(f) for f in files])
+
+
+# kind -> reader(path, classes, image_size) -> Arrays
+SOURCES = {"npz": lambda path, classes, size: read_npz(path), "folder": read_folder, "csv": read_csv}
+
+
+def read_inputs(spec: str, classes: list[str] | None = None, image_size: int | None = None) -> Arrays:
+    """Read ``KIND:PATH`` (e.g. ``npz:test.npz``, ``folder:imgs``, ``csv:list.csv``) with the reader
+    registered for KIND; image files are decoded at ``image_size`` (the run's input size)."""
+    kind, sep, path = spec.partition(":")
+    if not sep or not path:
+        raise L2BError(f"--data must be KIND:PATH with KIND one of {', '.join(sorted(SOURCES))}, got {spec!r}")
+    check_choice("data source", kind, SOURCES)
+    if not Path(path).exists():
+        raise L2BError(f"--data {spec}: {path} does not exist")
+    return SOURCES[kind](path, list(classes or []), image_size)

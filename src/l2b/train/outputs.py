@@ -1,0 +1,114 @@
+"""The run folder: created before any data is read, filled at the start, every epoch and at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from torch import Tensor
+
+from ..config import Config, save_yaml
+from ..data.arrays import ImageData
+from ..data.prepare import TrainData
+from ..errors import L2BError
+
+__all__ = ["new_run_dir", "write_run_files", "write_metrics", "keep_history", "summarize", "weight_means",
+           "accumulate_weight_stats"]
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """The run folder: ``cfg.out`` if given (it must not exist), else runs/<time>-<method>[-k]."""
+    if cfg.out:
+        out = Path(cfg.out)
+        if out.exists():
+            raise L2BError(f"output folder {out} already exists; choose another --out (nothing was overwritten)")
+    else:
+        stem = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.replace('+', '-')}"
+        out, k = stem, 1
+        while out.exists():
+            k += 1
+            out = stem.with_name(f"{stem.name}-{k}")
+    try:
+        out.mkdir(parents=True)
+    except OSError as exc:
+        raise L2BError(f"cannot create output folder {out}: {exc.strerror}") from None
+    return out
+
+
+def write_run_files(out: Path, cfg: Config, td: TrainData, data: ImageData) -> None:
+    """What a fresh run folder holds before the first step: config, noise, labels, the data record."""
+    save_yaml(cfg, out / "config.yaml")
+    (out / "noise.json").write_text(json.dumps(td.noise_info, indent=1))
+    np.save(out / "noisy_labels.npy", td.y_observed.cpu().numpy())
+    for name, text in data.files.items():  # e.g. the seeded ISIC2019 split
+        (out / name).write_text(text)
+    save_data_record(out, td, data)
+
+
+def save_data_record(out: Path, td: TrainData, data: ImageData) -> None:
+    """What `l2b labels`, `l2b predict` and `l2b eval` need besides the checkpoint."""
+    np.save(out / "train_indices.npy", td.indices)
+    if td.y_true is not None:
+        np.save(out / "true_labels.npy", td.y_true)
+    (out / "classes.json").write_text(json.dumps(list(data.classes)))
+    (out / "normalization.json").write_text(json.dumps({
+        "mean": td.mean.tolist(), "std": td.std.tolist(), "input_shape": list(data.x_train.shape[1:]),
+        "input_dtype": str(data.x_train.dtype), "scale": 255.0 if data.x_train.dtype == np.uint8 else 1.0,
+    }, indent=1))
+
+
+def write_metrics(out: Path, metrics: list[dict]) -> None:
+    tmp = out / "metrics.jsonl.tmp"
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    os.replace(tmp, out / "metrics.jsonl")
+
+
+def keep_history(out: Path, epoch: int, keep: int) -> None:
+    """Besides checkpoint.pt (the latest), keep copies of the last ``keep - 1`` epoch checkpoints."""
+    if keep <= 1:
+        return
+    shutil.copyfile(out / "checkpoint.pt", out / f"checkpoint-epoch{epoch:04d}.pt")
+    history = sorted(out.glob("checkpoint-epoch*.pt"))
+    for old in history[: max(len(history) - (keep - 1), 0)]:
+        old.unlink()
+
+
+def accumulate_weight_stats(stats: Tensor, flipped: Tensor, alpha: Tensor, beta: Tensor) -> None:
+    """stats (3, 2), rows: alpha sum, beta sum, count; columns: clean, flipped samples."""
+    n = len(alpha)
+    for col, mask in enumerate((~flipped, flipped)):
+        stats[0, col] += alpha[mask].double().sum() * n
+        stats[1, col] += beta[mask].double().sum() * n
+        stats[2, col] += mask.sum()
+
+
+def weight_means(stats: Tensor) -> dict:
+    s = stats.cpu().tolist()
+    mean = lambda row, col: (s[row][col] / s[2][col]) if s[2][col] else None  # noqa: E731
+    return {"alpha_clean": mean(0, 0), "alpha_flipped": mean(0, 1), "beta_clean": mean(1, 0), "beta_flipped": mean(1, 1)}
+
+
+def summarize(cfg: Config, metrics: list[dict], noise_info: dict, train_seconds: float) -> dict:
+    """The three accuracies every run reports: last epoch, at the best clean-validation epoch (honest model
+    selection), and the max over epochs (selected on the test set, as the published code reports)."""
+    scored = [m for m in metrics if m["val_acc"] is not None]  # empty without a clean set
+    best = max(scored, key=lambda m: (m["val_acc"], -m["epoch"])) if scored else {"test_acc": None, "epoch": None}
+    tests = [m["test_acc"] for m in metrics if m["test_acc"] is not None]
+    return {
+        "method": cfg.method,
+        "dataset": cfg.dataset,
+        "noise": noise_info["noise"],
+        "noise_rate": cfg.noise_rate,
+        "noise_rate_actual": noise_info["noise_rate_actual"],
+        "epochs": cfg.epochs,
+        "seed": cfg.seed,
+        "test_acc_last": metrics[-1]["test_acc"],
+        "test_acc_best_val": best["test_acc"],
+        "best_val_epoch": best["epoch"],
+        "test_acc_max": max(tests) if tests else None,
+        "train_seconds": round(train_seconds, 2),
+    }
