@@ -337,6 +337,52 @@ def headline(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+# two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..10 (the standard table; seeds per cell are few)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+# the study's protocol (docs/RESULTS.md, "Protocol"): recipes are chosen on the development setting only
+DEV_SETTING = ("sym", 0.4)
+HELD_OUT = (("sym", 0.2), ("sym", 0.5), ("asym", 0.4))
+
+
+def paired_interval(diffs: list[float]) -> str:
+    """Mean of paired differences with its 95% t-interval, e.g. "-0.71 [-2.05, +0.63] (3)"."""
+    n = len(diffs)
+    if n == 0:
+        return "—"
+    mean = statistics.fmean(diffs)
+    if n == 1:
+        return f"{mean:+.2f} (1 seed)"
+    half = T975[min(n - 1, 10)] * statistics.stdev(diffs) / n ** 0.5
+    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] ({n})"
+
+
+def which_method_table(runs: list) -> str:
+    """L2B minus each baseline, paired by seed, at the development setting and each held-out setting
+    (best-val test accuracy), at the default budget and, where run, at 80 epochs."""
+    baselines = ("l2rw", "glc", "ce", "l2b-convex")
+    acc = {(r.summary["noise"], r.summary["noise_rate"], r.summary["method"], r.summary["seed"]):
+           r.summary["test_acc_best_val"] for r in runs if r.summary["seed"] in MAIN_SEEDS}
+    long = {(r.summary["noise"], r.summary["noise_rate"], r.summary["method"], r.summary["seed"]):
+            r.summary["test_acc_best_val"] for r in _folder_runs(ROOT / "docs" / "results" / "epochs80")}
+    lines = ["| setting | role | budget | " + " | ".join(f"L2B − {b}" for b in baselines) + " |",
+             "|---|---|---|" + "---|" * len(baselines)]
+    for noise, rate in (DEV_SETTING, *HELD_OUT):
+        role = "development" if (noise, rate) == DEV_SETTING else "held out"
+        for budget, table_ in (("40 epochs", acc), ("80 epochs", long)):
+            cells = []
+            for b in baselines:
+                seeds = sorted(s for (n_, r_, m, s) in table_ if (n_, r_, m) == (noise, rate, "l2b")
+                               and (noise, rate, b, s) in table_)
+                cells.append(paired_interval([table_[noise, rate, "l2b", s] - table_[noise, rate, b, s] for s in seeds]))
+            if budget == "80 epochs" and all(c == "—" for c in cells):
+                continue
+            lines.append(f"| {100 * rate:g}% {noise} | {role} | {budget} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired difference L2B − baseline in test accuracy at the best clean-validation epoch (points): "
+              "mean over seeds [95% t-interval] (seeds). Positive: L2B ahead. 40 epochs: seeds 1-3 of "
+              "docs/results/runs; 80 epochs: every seed of docs/results/epochs80 that both methods ran."]
+    return "\n".join(lines)
+
+
 def render(runs: list) -> dict[str, str]:
     main_rows = aggregate([r for r in runs if r.summary.get("seed") in MAIN_SEEDS])
     all_rows = aggregate(runs)
@@ -357,6 +403,7 @@ def render(runs: list) -> dict[str, str]:
     blocks["weights"] = weights_table()
     blocks["phases"] = phases_table(runs)
     blocks["headline"] = headline(main_rows)
+    blocks["which-method"] = which_method_table(runs)
     return blocks
 
 
