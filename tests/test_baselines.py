@@ -11,7 +11,7 @@ from torch.func import functional_call
 from l2b import create_model
 from l2b.methods.metanet import MWNet, LabelCorrectionNet, WeightNet, mlc_meta_grad, mwnet_meta_grad
 from l2b.methods.simple import GLC, Distill, bootstrap_loss, estimate_corruption
-from l2b import Config
+from l2b import Config, L2BError
 from l2b.data import DeviceImages
 from l2b.meta import lookahead_affine, meta_mode
 from l2b.methods import PrepareContext, StepContext, create_method
@@ -150,6 +150,22 @@ def test_meta_network_gradient_equals_double_backward_oracle(kind):
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-12 * float(b.abs().max().clamp_min(1e-30)) + 1e-16), (a, b)
     assert any(b.abs().max() > 0 for b in ref)  # a non-trivial comparison
     assert all(torch.equal(b, model.get_buffer(n)) for n, b in buffers.items())  # running stats untouched
+
+
+@pytest.mark.parametrize("kind", ["mwnet", "mlc"])
+def test_meta_network_methods_refuse_data_parallelism(kind):
+    # under --nproc 2 each rank stepped its own copy of the meta network on its shard, and the copies
+    # drifted apart (seen with 2 gloo ranks: the ranks' meta networks differed after 3 steps): refused
+    data = types.SimpleNamespace(num_classes=4)
+    method = create_method(kind, meta_hidden=8)
+    with pytest.raises(L2BError, match="one process only"):
+        method.prepare(PrepareContext(Config(nproc=2), data, torch.device("cpu"), None, None))
+    method.prepare(PrepareContext(Config(), data, torch.device("cpu"), None, None))
+    method.net.double()
+    model, x, y, xv, yv, opt = _problem()
+    with pytest.raises(L2BError, match="one process only"):
+        method.step(model, x, y, StepContext(opt, lambda: (xv, yv), 5, 4, module=model, world_size=2))
+    assert torch.isfinite(method.step(model, x, y, _ctx(opt, xv, yv)).loss)  # one process runs
 
 
 def test_mwnet_learns_to_down_weight_flipped_samples():

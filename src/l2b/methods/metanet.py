@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, jvp
 
+from ..errors import L2BError
 from ..meta import directional_losses, lookahead_affine, meta_mode, scaled_clean_gradient
 from .base import StepResult, register_method
 from .simple import soft_cross_entropy
@@ -36,13 +37,21 @@ def _lookahead_clean_direction(model, params, theta, train_loss, x_val, y_val, o
 
 class _MetaNetMethod:
     """Shared by mwnet and mlc: a meta network built in ``prepare`` and trained by Adam (weight decay
-    1e-4, as Shu et al. 2019), checkpointed with its optimizer."""
+    1e-4, as Shu et al. 2019), checkpointed with its optimizer. One process only: under data
+    parallelism each rank would step its own copy of the meta network on its own shard, and the
+    copies would drift apart (nothing averages the meta-gradient over the ranks), so it is refused."""
 
     uses_meta_set = True
     trains_on_clean = False
     warmup_with_ce = True  # same warm-up as the L2B family, for a fair comparison
 
+    def _one_process(self, world_size: int) -> None:
+        if world_size > 1:
+            raise L2BError(f"{self.name} runs in one process only (--nproc 1, not {world_size}): each rank would "
+                           "train its own copy of the meta network on its shard, and the copies would drift apart")
+
     def _build(self, ctx, net: nn.Module) -> None:
+        self._one_process(getattr(ctx.cfg, "nproc", 1))
         self.net = net.to(ctx.device)
         self.meta_opt = torch.optim.Adam(self.net.parameters(), lr=self.meta_lr, weight_decay=1e-4)
         if ctx.state is not None:
@@ -110,6 +119,7 @@ class MWNet(_MetaNetMethod):
             self._build(ctx, WeightNet(self.hidden))
 
     def step(self, model, x, y, ctx):
+        self._one_process(ctx.world_size)
         x_val, y_val = ctx.next_clean()
         grads, _ = mwnet_meta_grad(model, self.net, x, y, x_val, y_val, ctx.optimizer)
         self._meta_step(grads)
@@ -197,6 +207,7 @@ class MLC(_MetaNetMethod):
             self._build(ctx, LabelCorrectionNet(ctx.data.num_classes, self.hidden))
 
     def step(self, model, x, y, ctx):
+        self._one_process(ctx.world_size)
         x_val, y_val = ctx.next_clean()
         grads, _ = mlc_meta_grad(model, self.net, x, y, x_val, y_val, ctx.optimizer)
         self._meta_step(grads)
