@@ -126,9 +126,11 @@ def _reference_meta_grad(model, net, x, y, xv, yv, opt, kind):
     with meta_mode(model):
         theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         logits = functional_call(model, theta, (x,))
-        if kind == "mwnet":
+        if kind in ("mwnet", "mwnet-sum"):
             losses = F.cross_entropy(logits, y, reduction="none")
-            train_loss = (net(losses.detach()) * losses).mean()
+            v = net(losses.detach())
+            # MW-Net.py: the mean of V l; train_WRN-28-10_Meta_PGC.py: V normalised by its sum
+            train_loss = (v * losses).mean() if kind == "mwnet" else (v * losses).sum() / v.sum()
         else:
             logp = F.log_softmax(logits, 1)
             train_loss = -(net(logp.detach().exp(), y) * logp).sum(1).mean()
@@ -138,13 +140,16 @@ def _reference_meta_grad(model, net, x, y, xv, yv, opt, kind):
         return torch.autograd.grad(clean, list(net.parameters()))
 
 
-@pytest.mark.parametrize("kind", ["mwnet", "mlc"])
+@pytest.mark.parametrize("kind", ["mwnet", "mwnet-sum", "mlc"])
 def test_meta_network_gradient_equals_double_backward_oracle(kind):
     model, x, y, xv, yv, opt = _problem(seed=4)
     torch.manual_seed(5)
-    net = (WeightNet(8) if kind == "mwnet" else LabelCorrectionNet(4, 8)).double()
+    net = (LabelCorrectionNet(4, 8) if kind == "mlc" else WeightNet(8)).double()
     buffers = {n: b.clone() for n, b in model.named_buffers()}
-    fast, _ = (mwnet_meta_grad if kind == "mwnet" else mlc_meta_grad)(model, net, x, y, xv, yv, opt)
+    if kind == "mlc":
+        fast, _ = mlc_meta_grad(model, net, x, y, xv, yv, opt)
+    else:
+        fast, _ = mwnet_meta_grad(model, net, x, y, xv, yv, opt, normalize=kind == "mwnet-sum")
     ref = _reference_meta_grad(model, net, x, y, xv, yv, opt, kind)
     for a, b in zip(fast, ref):
         assert torch.allclose(a, b, rtol=1e-7, atol=1e-12 * float(b.abs().max().clamp_min(1e-30)) + 1e-16), (a, b)

@@ -136,9 +136,9 @@ class Config:
     mixup_alpha: float = option(1.0, "Beta(a, a) of the mixing coefficient (Zhang et al. 2018); 0 = no mixing",
                                 low=0.0, methods=("mixup",), group="baselines")
     meta_lr: float = option(1e-3, "Adam learning rate of the meta network (Shu et al. 2019)", low=0.0,
-                            low_open=True, methods=("mwnet", "mlc"), group="baselines")
+                            low_open=True, methods=("mwnet", "mwnet-sum", "mlc"), group="baselines")
     meta_hidden: int = option(100, "hidden units of the meta network (mwnet 1-100-1, mlc)", low=1,
-                              methods=("mwnet", "mlc"), group="baselines")
+                              methods=("mwnet", "mwnet-sum", "mlc"), group="baselines")
     # ---- scale and speed
     amp: str = option("off", "mixed precision: off, bf16 or fp16 (autocast over the meta passes and the real "
                       "forward; fp16 adds loss scaling)", choices=("off", "bf16", "fp16"), group="scale and speed")

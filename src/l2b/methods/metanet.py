@@ -19,7 +19,7 @@ from ..meta import directional_losses, lookahead_affine, meta_mode, scaled_clean
 from .base import StepResult, register_method
 from .simple import soft_cross_entropy
 
-__all__ = ["mwnet_meta_grad", "mlc_meta_grad", "WeightNet", "LabelCorrectionNet", "MWNet", "MLC"]
+__all__ = ["mwnet_meta_grad", "mwnet_weights", "mlc_meta_grad", "WeightNet", "LabelCorrectionNet", "MWNet", "MLC"]
 
 
 def _lookahead_clean_direction(model, params, theta, train_loss, x_val, y_val, optimizer):
@@ -78,13 +78,27 @@ class WeightNet(nn.Module):
         return torch.sigmoid(self.net(losses[:, None]))[:, 0]  # (n,) -> (n,)
 
 
-def mwnet_meta_grad(model, net, x, y, x_val, y_val, optimizer):
+def mwnet_weights(v: Tensor, *, normalize: bool) -> Tensor:
+    """The weights (n,) of MW-Net's summed training loss sum_i w_i l_i from V(l_i; phi) (n,).
+
+    ``normalize=False``: w = V / n, the mean of the authors' ``MW-Net.py`` (their "stable version");
+    ``normalize=True``: w = V / sum_j V_j, as their ``train_WRN-28-10_Meta_PGC.py`` does (all zero if
+    every V underflows to 0, as their ``if norm_c != 0`` guard leaves it).
+    """
+    if not normalize:
+        return v / len(v)
+    total = v.sum()
+    return v / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def mwnet_meta_grad(model, net, x, y, x_val, y_val, optimizer, *, normalize: bool = False):
     """dG/dphi of MW-Net's meta objective (Shu et al. 2019, eq. 4-5), exact and first order.
 
-    theta_hat(phi) = theta' - s * grad (1/n) sum_i w_i l_i(theta), w_i = V(l_i; phi) (eq. 4). The look-ahead
-    is affine in w, so at the current weights dG/dw_i = -(1/n) <s grad G(theta_hat), grad l_i(theta)>:
+    theta_hat(phi) = theta' - s * grad sum_i w_i l_i(theta), w = `mwnet_weights` of V(l_i; phi) (eq. 4).
+    The look-ahead is affine in w, so at the current weights dG/dw_i = -<s grad G(theta_hat), grad l_i(theta)>:
     one clean backward at theta_hat gives v = s grad G, one JVP of the per-sample losses along v gives
-    all n inner products, and dG/dphi = sum_i dG/dw_i dw_i/dphi (a backward through V only).
+    all n inner products, and dG/dphi = sum_i dG/dw_i dw_i/dphi (a backward through V, and through the
+    division by sum V when ``normalize``).
 
     Returns (grads, a list matching ``net.parameters()``; G(theta_hat), a float). Mutates nothing.
     """
@@ -92,26 +106,28 @@ def mwnet_meta_grad(model, net, x, y, x_val, y_val, optimizer):
     with meta_mode(model):
         theta = {n: p.detach().requires_grad_(True) for n, p in params.items()}
         losses = F.cross_entropy(functional_call(model, theta, (x,)), y, reduction="none")  # (n,)
-        w = net(losses.detach())  # (n,), a function of phi
+        w = mwnet_weights(net(losses.detach()), normalize=normalize)  # (n,), a function of phi
         direction, clean = _lookahead_clean_direction(
-            model, params, theta, (w.detach() * losses).mean(), x_val, y_val, optimizer)
+            model, params, theta, (w.detach() * losses).sum(), x_val, y_val, optimizer)
         tangent, _ = directional_losses(model, x, y, params, direction)  # (2, n): row 0 = <grad l_i, v>
-    dg_dw = -tangent[0] / len(y)
-    return list(torch.autograd.grad(w, list(net.parameters()), grad_outputs=dg_dw)), clean
+    return list(torch.autograd.grad(w, list(net.parameters()), grad_outputs=-tangent[0])), clean
 
 
 @dataclass
 class MWNet(_MetaNetMethod):
     """Meta-Weight-Net (Shu et al. 2019, "Meta-Weight-Net: learning an explicit mapping for sample
     weighting", Algorithm 1): per step, one Adam step of phi on the meta-gradient of the clean loss
-    after a look-ahead (`mwnet_meta_grad`), then the real step on (1/n) sum_i V(l_i; phi) l_i with the
-    updated phi (eq. 6). Reports alpha_i = V(l_i)/n, beta = 0, so the trainer logs clean-vs-flipped means.
+    after a look-ahead (`mwnet_meta_grad`), then the real step on sum_i w_i l_i with the updated phi
+    (eq. 6), w = `mwnet_weights`: V(l_i; phi) / n (``mwnet``, the authors' MW-Net.py) or
+    V(l_i; phi) / sum_j V(l_j; phi) (``mwnet-sum``, their train_WRN-28-10_Meta_PGC.py). Reports
+    alpha_i = w_i, beta = 0, so the trainer logs clean-vs-flipped means.
     """
 
     hidden: int
     meta_lr: float
     seed: int
     name: str = "mwnet"
+    normalize: bool = False  # w = V / sum V instead of V / n
 
     def prepare(self, ctx):
         with torch.random.fork_rng(devices=[]):  # its own init stream: the model's stays the run's
@@ -121,19 +137,24 @@ class MWNet(_MetaNetMethod):
     def step(self, model, x, y, ctx):
         self._one_process(ctx.world_size)
         x_val, y_val = ctx.next_clean()
-        grads, _ = mwnet_meta_grad(model, self.net, x, y, x_val, y_val, ctx.optimizer)
+        grads, _ = mwnet_meta_grad(model, self.net, x, y, x_val, y_val, ctx.optimizer, normalize=self.normalize)
         self._meta_step(grads)
         logits = model(x)  # (n, K), the real forward
         losses = F.cross_entropy(logits, y, reduction="none")
         with torch.no_grad():
-            w = self.net(losses.detach())
+            w = mwnet_weights(self.net(losses.detach()), normalize=self.normalize)
         pseudo = logits.detach().argmax(dim=1)
-        return StepResult((w * losses).mean(), w / len(y), torch.zeros_like(w), pseudo, logits)
+        return StepResult((w * losses).sum(), w, torch.zeros_like(w), pseudo, logits)
 
 
 @register_method("mwnet")
 def _mwnet(meta_hidden: int = 100, meta_lr: float = 1e-3, seed: int = 0, **_):
     return MWNet(meta_hidden, meta_lr, seed)
+
+
+@register_method("mwnet-sum")
+def _mwnet_sum(meta_hidden: int = 100, meta_lr: float = 1e-3, seed: int = 0, **_):
+    return MWNet(meta_hidden, meta_lr, seed, name="mwnet-sum", normalize=True)
 
 
 class LabelCorrectionNet(nn.Module):
