@@ -1,4 +1,4 @@
-"""Paper-to-code fidelity: the identities of Zhou et al. (CVPR 2022) that the code must satisfy.
+"""Paper-to-code fidelity: the identities of Zhou et al. (CVPR 2024) that the code must satisfy.
 
 Each test checks one statement of the paper against the library (docs/METHOD.md maps every
 equation to its code): Appendix B.1 (L2B with alpha_i + beta_i = 1 is the bootstrapping loss),

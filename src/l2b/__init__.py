@@ -1,4 +1,4 @@
-"""l2b: Learning to Bootstrap (Zhou et al., CVPR 2022) for training with noisy labels.
+"""l2b: Learning to Bootstrap (Zhou et al., CVPR 2024) for training with noisy labels.
 
 The public surface: train a method (``train``, ``Config``), extend the library (``register_method``,
 ``register_dataset``, ``register_model``), compute the meta-weights in your own loop (``meta_weights``),

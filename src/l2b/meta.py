@@ -1,9 +1,9 @@
-"""The L2B meta-weights (Zhou et al., CVPR 2022, eq. 5-9, 13, 14), computed exactly and first-order.
+"""The L2B meta-weights (Zhou et al., CVPR 2024, eq. 5-9, 13, 14), computed exactly and first-order.
 
 docs/METHOD.md maps every equation of the method to the lines below and lists where the code follows
 the published implementation rather than the paper's text.
 
-Notation (paper -> code): theta -> the model's parameters; eta -> the optimizer's lr; f_i = CE(z_i, y_i)
+Notation (paper -> code): theta -> the model's parameters; lambda -> the optimizer's lr; f_i = CE(z_i, y_i)
 and g_i = CE(z_i, p_i) with p_i = argmax z_i; G -> mean clean-batch cross-entropy; alpha_i, beta_i ->
 ``MetaWeights.alpha``, ``MetaWeights.beta``.
 
@@ -106,7 +106,7 @@ def meta_weights(
     y_val : Tensor, shape (m,), int64
         Their labels.
     optimizer : torch.optim.SGD, optional
-        The optimizer of the real step: the look-ahead (eq. 5-6; eta is its lr) uses its lr,
+        The optimizer of the real step: the look-ahead (eq. 5-6; lambda is its lr) uses its lr,
         momentum buffers, dampening, Nesterov flag and weight decay, per parameter group, as the
         published code's differentiable optimizer copy does (the paper writes a plain gradient step).
         Parameters it does not hold stay fixed in the look-ahead. ``None`` means a plain gradient
@@ -416,9 +416,9 @@ def _normalize(raw: Tensor, normalize: str, temperature: float, all_reduce=None)
     """Normalise a 1-d group; the max and the sums go through ``all_reduce`` (one scalar each)."""
     reduce = all_reduce or _local
     if normalize in ("softmax", "sigmoid"):
-        # eq. 14: softmax(raw / T); eq. 13: sigmoid(raw) / sum sigmoid(raw) = softmax(log sigmoid(raw)),
-        # which stays exact where every sigmoid underflows to 0 (raw < -709 in float64); the global max
-        # is subtracted for stability
+        # eq. 14: softmax(raw / T); eq. 13: sigmoid(raw), here divided by its sum as the published code
+        # does, = softmax(log sigmoid(raw)), exact where every sigmoid underflows to 0 (raw < -709 in
+        # float64); the global max is subtracted for stability
         z = raw / temperature if normalize == "softmax" else F.logsigmoid(raw)
         e = torch.exp(z - reduce(z.max(), "max"))
         return e / reduce(e.sum(), "sum")
