@@ -209,7 +209,7 @@ def test_carved_clean_set_missing_a_class(tmp_path):
     name = _npz(tmp_path, x_train=_rng_images(9, (5, 5)), y_train=np.array([0] * 8 + [1]),
                 x_test=_rng_images(2, (5, 5)), y_test=np.arange(2))
     with pytest.raises(L2BError, match=r"needs 2 images of class 1, the data has 1"):
-        data_check(_cfg(dataset=name, val_size=4))
+        data_check(_cfg(dataset=name, val_size=4, noise="sym", noise_rate=0.2))  # labels as truth: noise on top
 
 
 # ---------------------------------------------------------------- folders and CSV of images
@@ -388,7 +388,7 @@ def test_cli_data_check_and_class_map_not_permutation(tmp_path, capsys):
     perm = tmp_path / "perm.json"
     perm.write_text("[1, 0, 0, 3]")
     assert cli.main(["data", "check", "--dataset", name, "--val-size", "8", "--subset", "0", "--noise", "asym",
-                     "--noise-map", str(perm)]) == 2
+                     "--noise-rate", "0.4", "--noise-map", str(perm)]) == 2
     assert "perm.json: a class map given as a list must be a permutation" in capsys.readouterr().err
 
 

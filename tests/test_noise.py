@@ -98,7 +98,7 @@ def test_instance_noise_rate_depends_on_images_and_is_seeded():
 def test_make_noise_is_reproducible_from_the_seed(noise):
     y = _labels(n_per_class=40, k=10)
     data = _data(y, name="cifar10")
-    cfg = make_config({"noise": noise, "noise_rate": 0.4})
+    cfg = make_config({"noise": noise, "noise_rate": None if noise == "none" else 0.4})
     pool = np.arange(0, len(y), 2)
     a = _noise.make_noise(cfg, data, pool, np.random.default_rng(7))
     b = _noise.make_noise(cfg, data, pool, np.random.default_rng(7))

@@ -81,7 +81,7 @@ def test_streamed_training_equals_in_memory_training(tmp_path):
     root = _folder(tmp_path, n_train=10)
     args = ["train", "--dataset", f"folder:{root}", "--image-size", "8", "--subset", "0", "--val-size", "4",
             "--epochs", "2", "--warmup-epochs", "1", "--batch-size", "8", "--val-batch-size", "4", "--augment",
-            "--noise-rate", "0.2"]
+            "--noise", "sym", "--noise-rate", "0.2"]
     assert main([*args, "--out", str(tmp_path / "mem")]) == 0
     assert main([*args, "--stream", "--workers", "0", "--out", str(tmp_path / "stream")]) == 0
     assert (tmp_path / "stream" / "summary.json").is_file()

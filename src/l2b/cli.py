@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "calls add methods, data sets and models (docs/EXTENDING.md)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    train = sub.add_parser("train", help="train a model (default: L2B on Fashion-MNIST, 40%% symmetric noise)")
+    train = sub.add_parser("train", help="train a model (default: L2B on Fashion-MNIST with its benchmark preset, "
+                                         "40%% symmetric noise)")
     train.add_argument("--config", metavar="FILE", help="YAML file with the same keys; flags override it")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
@@ -227,10 +228,13 @@ def _report(args) -> int:
 
 
 def format_summary(s: dict) -> str:
-    rate = "unknown" if s["noise_rate_actual"] is None else f"{100 * s['noise_rate_actual']:.1f}%"
+    if s["noise_rate"] is None:  # the labels as given (or given noisy labels): no rate was asked for
+        noise = s["noise"] if s["noise_rate_actual"] is None else f"{s['noise']} (actual {100 * s['noise_rate_actual']:.1f}%)"
+    else:
+        rate = "unknown" if s["noise_rate_actual"] is None else f"{100 * s['noise_rate_actual']:.1f}%"
+        noise = f"{s['noise']} {100 * s['noise_rate']:.0f}% (actual {rate})"
     return "\n".join([
-        f"l2b train: {s['method']} on {s['dataset']}, noise {s['noise']} {100 * s['noise_rate']:.0f}% "
-        f"(actual {rate}), {s['epochs']} epochs, seed {s['seed']}",
+        f"l2b train: {s['method']} on {s['dataset']}, noise {noise}, {s['epochs']} epochs, seed {s['seed']}",
         f"  test accuracy, last epoch           {_pct(s['test_acc_last'])}",
         f"  test accuracy, best clean-val epoch {_pct(s['test_acc_best_val'])}  (epoch {s['best_val_epoch']})",
         f"  test accuracy, max over epochs      {_pct(s['test_acc_max'])}  (selected on the test set: paper-comparable only)",

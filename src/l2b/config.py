@@ -70,18 +70,22 @@ class Config:
                                     group="data")
     split_file: str | None = option(None, "isic2019: CSV image,split (train|val|test) instead of the seeded paper "
                                     "split", group="data")
-    noise: str = option("sym", "noise model: none, sym (uniform over the other classes), uniform (over all "
+    trusted: str | None = option(None, "your trusted (clean) set, KIND:PATH in any supported format (npz:PATH with "
+                                 "arrays x, y; folder:PATH with one sub-folder per class; csv:PATH of path,label); "
+                                 "for data that brings no val split", group="data")
+    noise: str = option("none", "synthetic noise injected into the training labels: none (the labels as given), sym (uniform over the other classes), uniform (over all "
                         "classes, true one included), asym (class map), pairflip (c -> c+1), instance (Xia et al. "
                         "2020), file:PATH (your noisy label of every training image)", choices=NOISE_MODELS,
                         group="data")
-    noise_rate: float = option(0.4, "fraction of training labels changed, in [0, 1)", low=0.0, high=1.0,
-                               high_open=True, group="data")
+    noise_rate: float | None = option(None, "fraction of training labels the synthetic noise changes, in [0, 1); "
+                                      "unset without synthetic noise", low=0.0, high=1.0, high_open=True,
+                                      group="data")
     noise_map: str | None = option(None, "asym: YAML/JSON class map {source: target} by index or name; a list "
                                    "must be a permutation", group="data")
-    subset: int | None = option(3000, "noisy training images used (0 or unset: all); the default keeps a run to "
-                                "minutes on 2 CPU cores", low=0, group="data")
-    val_size: int = option(1000, "clean (trusted) images carved from the training set, class-balanced, disjoint "
-                           "from training; 0 = none (needs --meta-set pseudo)", low=0, group="data")
+    subset: int | None = option(None, "noisy training images used (0 or unset: all)", low=0, group="data")
+    val_size: int = option(0, "clean (trusted) images carved from the training set before synthetic noise, "
+                           "class-balanced, disjoint from training (benchmarks, whose labels are the truth); 0 = none",
+                           low=0, group="data")
     augment: bool = option(False, "random crop (pad 2) + horizontal flip, on the device", group="data")
     balanced_batches: int = option(0, "if > 0, an epoch is this many class-balanced batches (Clothing1M: 250)",
                                    low=0, group="data")
@@ -152,6 +156,8 @@ class Config:
                            "meta passes use per-rank statistics)", group="scale and speed")
     # ---- run
     eval_batch_size: int = option(1000, "batch size of evaluation", low=1, group="run")
+    test_every: int = option(0, "evaluate the test set every N epochs (a test curve; the benchmarks' presets: 1); "
+                             "0 = only at the end, the last and the best clean-validation model", low=0, group="run")
     checkpoint_every: int = option(1, "epochs between checkpoints (checkpoint.pt, used by --resume; the last "
                                    "epoch always)", low=1, group="run")
     keep_checkpoints: int = option(1, "keep this many epoch checkpoints (1: only the latest)", low=1, group="run")
@@ -175,7 +181,7 @@ ALIASES = {
     "data": "dataset", "dataset_name": "dataset", "output": "out", "output_dir": "out", "out_dir": "out",
     "clip_grad": "grad_clip", "gradient_clip": "grad_clip", "max_grad_norm": "grad_clip", "warmup": "warmup_epochs",
     "num_workers": "workers", "random_seed": "seed", "clean_size": "val_size", "num_clean": "val_size",
-    "fp16": "amp", "bf16": "amp", "mixed_precision": "amp",
+    "fp16": "amp", "bf16": "amp", "mixed_precision": "amp", "clean_set": "trusted", "trusted_set": "trusted",
 }
 
 
@@ -236,13 +242,21 @@ def make_config(values: dict, source: str = "config") -> Config:
         clean[key_norm] = _coerce(key_norm, value, types_[key_norm])
     dataset = clean.get("dataset", Config.dataset)
     if isinstance(dataset, str):
-        for key, value in preset_of(dataset).items():
+        preset = preset_of(dataset)
+        if not _synthetic(clean.get("noise", preset.get("noise", Config.noise))):
+            preset.pop("noise_rate", None)  # the preset's rate goes with its noise, not with the labels as given
+        for key, value in preset.items():
             if key not in types_:
                 raise L2BError(f"data set {dataset!r}: its preset has an unknown key {key!r}")
             clean.setdefault(key, _coerce(key, value, types_[key]))
     cfg = Config(**clean)
     validate(cfg)
     return cfg
+
+
+def _synthetic(noise) -> bool:
+    """Whether a noise setting injects synthetic noise (none and file:PATH do not)."""
+    return isinstance(noise, str) and noise != "none" and not noise.startswith("file:")
 
 
 def _check_range(key: str, v, meta: dict) -> None:
@@ -292,6 +306,17 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "val_batch_size"):
         if getattr(cfg, key) % cfg.nproc:
             raise L2BError(f"{key} ({getattr(cfg, key)}) is the global batch and must be divisible by nproc ({cfg.nproc})")
+    synthetic = _synthetic(cfg.noise)
+    if synthetic and cfg.noise_rate is None:
+        raise L2BError(f"noise {cfg.noise!r} injects synthetic noise: give its rate, e.g. --noise-rate 0.4")
+    if not synthetic and cfg.noise_rate:
+        raise L2BError(f"noise_rate {cfg.noise_rate} with noise {cfg.noise!r} injects nothing: choose a noise model "
+                       "(e.g. --noise sym) or leave noise_rate unset")
+    if cfg.trusted is not None:
+        kind, sep, rest = cfg.trusted.partition(":")
+        if not sep or not rest or kind not in DATA_FORMATS:
+            raise L2BError(f"trusted must be KIND:PATH with KIND one of {', '.join(DATA_FORMATS.names())}, "
+                           f"got {cfg.trusted!r}")
     if cfg.warmup_epochs > cfg.epochs:
         raise L2BError(f"warmup_epochs ({cfg.warmup_epochs}) exceeds epochs ({cfg.epochs})")
     if cfg.meta_set == "pseudo" and cfg.warmup_epochs < 1:

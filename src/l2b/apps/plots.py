@@ -44,7 +44,7 @@ def fig2_test_acc(plt, runs, path):
     panels = defaultdict(lambda: defaultdict(list))
     for r in runs:
         if r.metrics:
-            panels[(*r.group, r.summary["noise_rate"])][r.label].append(r)
+            panels[(*r.group, (r.summary["noise_rate"] or 0.0))][r.label].append(r)
     if not panels:
         return "no metrics.jsonl in the runs"
     fig, axes = _grid(plt, len(panels))
@@ -73,7 +73,7 @@ def fig3_normalize(plt, runs, path):
         lines = defaultdict(lambda: defaultdict(list))
         for r in runs:
             if (r.group, r.summary["method"]) in chosen:
-                lines[(r.summary["method"], r.config.get("normalize"))][r.summary["noise_rate"]].append(
+                lines[(r.summary["method"], r.config.get("normalize"))][(r.summary["noise_rate"] or 0.0)].append(
                     r.summary["test_acc_best_val"])
         for (method, norm), by_rate in sorted(lines.items()):
             rates = sorted(by_rate)
@@ -92,7 +92,7 @@ def fig4_weights(plt, runs, path):
     panels = defaultdict(list)
     for r in runs:
         if any(m.get("alpha_clean") is not None for m in r.metrics):
-            panels[(r.label, *r.group, r.summary["noise_rate"])].append(r)
+            panels[(r.label, *r.group, (r.summary["noise_rate"] or 0.0))].append(r)
     if not panels:
         return "no run logged alpha/beta of clean vs flipped samples (meta methods on data with known noise)"
     keys = sorted(panels)[:12]

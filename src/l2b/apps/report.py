@@ -29,7 +29,7 @@ from ..runfiles import read_table
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Run", "load_runs", "aggregate", "write_report"]
+__all__ = ["Run", "load_runs", "aggregate", "write_report", "rate_of"]
 
 ACCURACIES = (  # summary key, column name, meaning
     ("test_acc_last", "last", "test accuracy at the last epoch"),
@@ -38,7 +38,7 @@ ACCURACIES = (  # summary key, column name, meaning
 )
 # keys that never distinguish methods in a table (a table is per data set and noise model)
 _NOT_A_VARIANT = {"seed", "out", "device", "noise_rate", "data_dir", "eval_batch_size", "method", "dataset", "noise",
-                  "nproc"}
+                  "nproc", "test_every"}
 _DEFAULTS = Config().to_dict()  # a key an older run folder lacks had its default value
 
 
@@ -103,7 +103,14 @@ def _label(runs: list[Run]) -> None:
             r.label = f"{method} [{extra}]" if extra else method
 
 
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
+def rate_of(summary: dict) -> float:
+    """The run's synthetic noise rate; 0 for labels used as given (its summary records no rate)."""
+    return float(summary["noise_rate"] or 0.0)
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:  # e.g. max-test of runs that tested only at the end
+        return None, None
     mean = sum(values) / len(values)
     if len(values) < 2:
         return mean, None
@@ -115,21 +122,23 @@ def aggregate(runs: list[Run]) -> list[dict]:
     and mean seconds per epoch."""
     cells = defaultdict(list)
     for r in runs:
-        cells[(*r.group, float(r.summary["noise_rate"]), r.label)].append(r)
+        cells[(*r.group, rate_of(r.summary), r.label)].append(r)
     rows = []
     for (dataset, noise, rate, label), rs in sorted(cells.items()):
         row = {"dataset": dataset, "noise": noise, "noise_rate": rate, "method": label, "runs": len(rs),
                "seeds": " ".join(str(r.summary.get("seed")) for r in sorted(rs, key=lambda r: r.summary.get("seed", 0))),
                "epochs": " ".join(sorted({str(r.summary.get("epochs")) for r in rs}))}
         for key, name, _ in ACCURACIES:
-            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([float(r.summary[key]) for r in rs])
+            row[f"{name}_mean"], row[f"{name}_std"] = _mean_std([float(r.summary[key]) for r in rs if r.summary[key] is not None])
         secs = [m["seconds"] for r in rs for m in r.metrics if "seconds" in m]
         row["seconds_per_epoch"] = sum(secs) / len(secs) if secs else None
         rows.append(row)
     return rows
 
 
-def _fmt(mean: float, std: float | None) -> str:
+def _fmt(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "—"
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
@@ -197,7 +206,7 @@ def sample_groups(runs: list[Run]) -> list[dict]:
         for _, member in SAMPLE_GROUPS:
             mask = member(table["given_label"], table["true_label"], table["pred_label"])
             stats.append((100 * mask.mean(), _nanmean(table["alpha_mean"][mask]), _nanmean(table["beta_mean"][mask])))
-        cells[(*r.group, float(r.summary["noise_rate"]), r.label)].append(stats)
+        cells[(*r.group, rate_of(r.summary), r.label)].append(stats)
     rows = []
     for (dataset, noise, rate, label), per_run in sorted(cells.items()):
         for k, (group, _) in enumerate(SAMPLE_GROUPS):

@@ -32,9 +32,10 @@ class Cell:
     detail: str = ""
 
 
-def cell_name(method: str, noise: str, noise_rate: float, seed: int) -> str:
-    """Deterministic folder name, e.g. ``l2b-sym-r0.4-s1`` (``+`` becomes ``-``)."""
-    return f"{method.replace('+', '-')}-{noise}-r{noise_rate:g}-s{seed}"
+def cell_name(method: str, noise: str, noise_rate: float | None, seed: int) -> str:
+    """Deterministic folder name, e.g. ``l2b-sym-r0.4-s1`` or ``ce-none-s0`` (``+`` becomes ``-``)."""
+    rate = "" if noise_rate is None else f"-r{noise_rate:g}"
+    return f"{method.replace('+', '-')}-{noise.replace(':', '-').replace('/', '-')}{rate}-s{seed}"
 
 
 def plan_sweep(base: dict, *, methods: list[str], noise_rates: list[float], seeds: list[int], out: Path) -> list[Cell]:
@@ -47,7 +48,8 @@ def plan_sweep(base: dict, *, methods: list[str], noise_rates: list[float], seed
         for rate in noise_rates:
             for seed in seeds:
                 values = dict(base, method=method, noise_rate=rate, seed=seed)
-                name = cell_name(method, values.get("noise", Config.noise), rate, seed)
+                noise = make_config(values, source=f"sweep cell {method}, rate {rate}, seed {seed}").noise  # preset
+                name = cell_name(method, noise, rate, seed)
                 values["out"] = str(out / name)
                 cells.append(Cell(name, make_config(values, source=f"sweep cell {name}")))
     return cells

@@ -9,6 +9,7 @@ import numpy as np
 
 from ..errors import L2BError
 from .arrays import ImageData, balanced_clean_split
+from .benchmarks import BENCHMARK_PRESET
 from .fetch import search_dirs
 from .images import inside, load_images
 from .sources import check_labels, register_dataset
@@ -77,7 +78,7 @@ def isic_split(y: np.ndarray, num_classes: int, seed: int) -> np.ndarray:
     return split
 
 
-@register_dataset("isic2019")
+@register_dataset("isic2019", **BENCHMARK_PRESET)
 def load_isic2019(cfg) -> ImageData:
     """ISIC2019 (the challenge's training part): ISIC_2019_Training_GroundTruth.csv and
     ISIC_2019_Training_Input/<image>.jpg; split seeded as in the paper, or given by --split-file

@@ -22,7 +22,7 @@ from .arrays import (
     concat_images,
     device_images,
 )
-from .sources import load_dataset
+from .sources import is_user_data, load_dataset
 
 __all__ = ["TrainData", "prepare_data", "data_check", "format_data_check"]
 
@@ -52,8 +52,15 @@ def prepare_data(cfg: Config, data: ImageData, device: torch.device, trains_on_c
     """Carve the clean set, pick the subset, apply noise (all from ``cfg.seed``), move to the device."""
     rng = np.random.default_rng(cfg.seed)
     k = data.num_classes
+    synthetic = data.noisy_train is None and cfg.noise != "none"  # sym, asym, ... or file:PATH
+    # a user's own labels (npz:, folder:, csv:) are what the user observed, not the truth, unless noise is
+    # injected on top of them; then they are the truth the noise starts from
+    known = data.train_labels_known and (synthetic or not is_user_data(cfg.dataset))
     if data.x_val is not None:
         x_clean, y_clean, pool = data.x_val, data.y_val, np.arange(len(data.y_train))
+    elif cfg.val_size and not known:
+        raise L2BError(f"val_size={cfg.val_size} would carve the trusted set out of training labels that are not "
+                       "known to be clean; give a trusted set instead (--trusted KIND:PATH, or a val split in the data)")
     else:
         clean_idx = balanced_clean_split(data.y_train, cfg.val_size, k, rng)
         x_clean, y_clean = data.x_train[clean_idx], data.y_train[clean_idx]
@@ -64,14 +71,14 @@ def prepare_data(cfg: Config, data: ImageData, device: torch.device, trains_on_c
         pool = np.sort(rng.choice(pool, size=cfg.subset, replace=False))
     y_true = data.y_train[pool]
     noisy = noise_models.make_noise(cfg, data, pool, rng)
-    known = data.train_labels_known
     noise_info = {
         "noise": cfg.noise if data.noisy_train is None else "given",
-        "noise_rate": cfg.noise_rate,
+        "noise_rate": cfg.noise_rate if synthetic else None,  # no rate for labels used as given
         "noise_rate_actual": noisy.rate if known else None,
         "transition_matrix": noisy.transition.tolist() if known else None,
         "num_train": int(len(pool)),
         "num_clean": int(len(y_clean)),
+        "trusted": trusted_origin(cfg, data, len(y_clean)),
     }
     x_train, y_obs, flipped = data.x_train[pool], noisy.labels, y_true != noisy.labels
     indices = pool
@@ -110,6 +117,15 @@ def prepare_data(cfg: Config, data: ImageData, device: torch.device, trains_on_c
     )
 
 
+def trusted_origin(cfg: Config, data: ImageData, size: int) -> str:
+    """Where the clean (trusted) set comes from, in words (the run's plan, noise.json)."""
+    if data.x_val is not None:
+        return f"--trusted {cfg.trusted}" if cfg.trusted else "the data's own val (clean) split"
+    if size:
+        return "carved from the training set, class-balanced, with its labels before noise"
+    return "none"
+
+
 def data_check(cfg) -> dict:
     """What ``l2b train`` would train on with ``cfg``: split sizes and per-class counts, image shape,
     clean-set balance, and the realised noise (rate and transition matrix, or "unknown")."""
@@ -134,12 +150,13 @@ def data_check(cfg) -> dict:
 
 def format_data_check(r: dict) -> str:
     rate = "unknown" if r["noise_rate_actual"] is None else f"{100 * r['noise_rate_actual']:.2f}%"
+    at = "" if r["noise_rate"] is None else f" at {100 * r['noise_rate']:.0f}%"
     width = max(6, *(len(c) for c in r["classes"]))
     lines = [
         f"data set {r['dataset']}: {len(r['classes'])} classes, images {tuple(r['image_shape'])} (C, H, W)",
         f"train {r['num_train']} (observed labels), clean {r['num_clean']}, test {r['num_test']}",
-        f"clean-set balance (smallest / largest class): {r['clean_balance']:.2f}",
-        f"noise {r['noise']} at {100 * r['noise_rate']:.0f}%: realised rate {rate}",
+        f"clean (trusted) set: {r['trusted']}; balance (smallest / largest class): {r['clean_balance']:.2f}",
+        f"noise {r['noise']}{at}: realised rate {rate}",
         f"{'class':<{width}} {'train':>7} {'clean':>7} {'test':>7}",
     ]
     for i, c in enumerate(r["classes"]):

@@ -14,8 +14,9 @@ import numpy as np
 from ..errors import L2BError, check_choice
 from ..registry import DATA_FORMATS, DATASETS
 from .arrays import ImageData
+from .user import int_labels, read_inputs, to_nchw
 
-__all__ = ["register_dataset", "load_dataset", "check_data", "check_labels"]
+__all__ = ["register_dataset", "load_dataset", "check_data", "check_labels", "is_user_data"]
 
 
 def register_dataset(name: str, **preset):
@@ -36,11 +37,32 @@ def load_dataset(cfg) -> ImageData:
         check_choice("dataset", cfg.dataset, DATASETS.names() + [k + ":PATH" for k in DATA_FORMATS.names()])
         data = DATASETS.get(cfg.dataset)(cfg)
         source = cfg.dataset
+    if cfg.trusted:
+        add_trusted(data, cfg)
     check_data(data, source)
     if not data.train_labels_known and data.x_val is None:
         raise L2BError(f"{source}: the training labels are not known to be clean, so no clean set can be carved "
                        "from them; the data must bring its own clean (val) split")
     return data
+
+
+def is_user_data(dataset: str) -> bool:
+    """True for ``KIND:PATH`` of a user format: labels as the user observed them, not known to be the truth."""
+    kind, sep, rest = dataset.partition(":")
+    return bool(sep and rest) and kind in DATA_FORMATS
+
+
+def add_trusted(data: ImageData, cfg) -> None:
+    """``--trusted KIND:PATH``: the user's trusted set becomes the data's clean (val) split, in place."""
+    if data.x_val is not None:
+        raise L2BError(f"--trusted {cfg.trusted}: {cfg.dataset} already brings a trusted (val) split; "
+                       "give one or the other")
+    arrays = read_inputs(cfg.trusted, data.classes, cfg.image_size)
+    if arrays.y is None:
+        raise L2BError(f"--trusted {cfg.trusted}: no labels found (npz: arrays x and y; folder: one sub-folder "
+                       "per class, named as the training classes; csv: rows path,label)")
+    data.x_val = to_nchw(np.asarray(arrays.x), f"--trusted {cfg.trusted}")
+    data.y_val = int_labels(arrays.y, f"--trusted {cfg.trusted}")
 
 
 def check_data(data: ImageData, source: str) -> None:

@@ -6,6 +6,7 @@ Every method (``l2b.methods``) is a policy for the loss of a batch; this loop do
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import signal
@@ -28,8 +29,8 @@ from ..methods.reweight import CrossEntropy
 from ..models import predict_probs
 from ..parallel import agree_on_step, all_gather_columns
 from ..runfiles import per_sample_table, write_table
-from .checkpoint import atomic_save
-from .outputs import accumulate_weight_stats, keep_history, summarize, weight_means
+from .checkpoint import atomic_save, safe_load
+from .outputs import accumulate_weight_stats, keep_history, run_plan, summarize, weight_means
 from .setup import Run, start_run
 from .state import CyclingBatches
 from .update import cosine_lr, evaluate, optimizer_step
@@ -75,6 +76,8 @@ def train(cfg: Config | None, *, resume: str | Path | None = None, progress: boo
     run = start_run(cfg, resume, data, model)
     cfg, st = run.cfg, run.state
     progress = progress and run.dist.is_main  # one progress bar per run
+    if progress:
+        tqdm.write(run_plan(cfg, run.td, resumed_at=st.epoch if resume is not None else None))
     run.model.train()
     with _StopSignals() as signals:
         while st.epoch < cfg.epochs:
@@ -168,7 +171,8 @@ def _end_epoch(run: Run, policy: Method, t0: float, progress: bool) -> None:
         return
     td = run.td
     val_acc = evaluate(run.model, td.clean, td.y_clean, cfg.eval_batch_size) if len(td.y_clean) else None
-    test_acc = evaluate(run.model, td.test, td.y_test, cfg.eval_batch_size) if len(td.y_test) else None
+    test_due = epoch + 1 == cfg.epochs or (cfg.test_every and (epoch + 1) % cfg.test_every == 0)  # last: always
+    test_acc = evaluate(run.model, td.test, td.y_test, cfg.eval_batch_size) if len(td.y_test) and test_due else None
     seconds = st.epoch_seconds + time.perf_counter() - t0  # training and evaluation, across a resume
     line = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
             "train_loss": st.loss_sum / max(run.steps_per_epoch, 1),
@@ -204,10 +208,23 @@ def _finish(run: Run) -> dict:
     np.save(out / "train_probs.npy", probs)
     write_table(per_sample_table(run.records.state_dict(), td.y_observed.cpu().numpy(), td.indices, probs,
                                  td.y_true, td.paths), out / "per_sample.csv")
-    summary = summarize(cfg, run.state.metrics, td.noise_info, run.state.train_seconds)
+    summary = summarize(cfg, run.state.metrics, td.noise_info, run.state.train_seconds, _best_val_test(run))
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     summary["run_dir"] = str(out)
     return summary
+
+
+def _best_val_test(run: Run) -> float | None:
+    """Test accuracy of best.pt (the best clean-validation model) when its epoch had no test pass; else None."""
+    metrics = [m for m in run.state.metrics if m["val_acc"] is not None]
+    if not metrics or not len(run.td.y_test):
+        return None
+    best = max(metrics, key=lambda m: (m["val_acc"], -m["epoch"]))
+    if best["test_acc"] is not None:
+        return None
+    model = copy.deepcopy(run.model)
+    model.load_state_dict(safe_load(run.out / "best.pt", map_location=run.device)["model"])
+    return evaluate(model, run.td.test, run.td.y_test, run.cfg.eval_batch_size)
 
 
 def _pseudo_meta_set(cfg: Config, model: nn.Module, td: TrainData, epoch: int) -> Tensor:

@@ -17,7 +17,7 @@ from ..data.prepare import TrainData
 from ..errors import L2BError
 
 __all__ = ["new_run_dir", "write_run_files", "write_metrics", "keep_history", "summarize", "weight_means",
-           "accumulate_weight_stats"]
+           "accumulate_weight_stats", "run_plan"]
 
 
 def new_run_dir(cfg: Config) -> Path:
@@ -92,23 +92,51 @@ def weight_means(stats: Tensor) -> dict:
     return {"alpha_clean": mean(0, 0), "alpha_flipped": mean(0, 1), "beta_clean": mean(1, 0), "beta_flipped": mean(1, 1)}
 
 
-def summarize(cfg: Config, metrics: list[dict], noise_info: dict, train_seconds: float) -> dict:
+def summarize(cfg: Config, metrics: list[dict], noise_info: dict, train_seconds: float,
+              best_val_test: float | None = None) -> dict:
     """The three accuracies every run reports: last epoch, at the best clean-validation epoch (honest model
-    selection), and the max over epochs (selected on the test set, as the published code reports)."""
+    selection), and the max over epochs (selected on the test set, as the published code reports; only
+    with a test pass every epoch, ``test_every`` 1). ``best_val_test``: best.pt's test accuracy, where the
+    best epoch's line has none."""
     scored = [m for m in metrics if m["val_acc"] is not None]  # empty without a clean set
     best = max(scored, key=lambda m: (m["val_acc"], -m["epoch"])) if scored else {"test_acc": None, "epoch": None}
     tests = [m["test_acc"] for m in metrics if m["test_acc"] is not None]
+    every_epoch = len(tests) == len(metrics)
     return {
         "method": cfg.method,
         "dataset": cfg.dataset,
         "noise": noise_info["noise"],
-        "noise_rate": cfg.noise_rate,
+        "noise_rate": noise_info["noise_rate"],
         "noise_rate_actual": noise_info["noise_rate_actual"],
         "epochs": cfg.epochs,
         "seed": cfg.seed,
         "test_acc_last": metrics[-1]["test_acc"],
-        "test_acc_best_val": best["test_acc"],
+        "test_acc_best_val": best["test_acc"] if best["test_acc"] is not None else best_val_test,
         "best_val_epoch": best["epoch"],
-        "test_acc_max": max(tests) if tests else None,
+        "test_acc_max": max(tests) if tests and every_epoch else None,
         "train_seconds": round(train_seconds, 2),
     }
+
+
+def run_plan(cfg: Config, td: TrainData, *, resumed_at: int | None = None) -> str:
+    """What the run is about to do, printed before the first step: data, splits, trusted set, noise, method."""
+    info = td.noise_info
+    if info["noise"] == "given" or info["noise"].startswith("file:"):
+        noise = f"the given noisy labels ({info['noise']}), no synthetic noise"
+    elif info["noise"] == "none":
+        noise = "the labels as given, no synthetic noise"
+    else:
+        noise = f"synthetic {info['noise']} noise at {100 * info['noise_rate']:g}%"
+    meta = " (meta set: pseudo, picked from the training set)" if cfg.meta_set == "pseudo" else ""
+    tests = "every epoch" if cfg.test_every == 1 else (f"every {cfg.test_every} epochs" if cfg.test_every
+                                                        else "at the end (last and best clean-validation model)")
+    lines = [
+        f"l2b plan: {cfg.method}{meta} on {cfg.dataset}, {cfg.epochs} epochs, model {cfg.model}, seed {cfg.seed}",
+        f"  images: train {info['num_train']}, trusted {info['num_clean']}, test {len(td.y_test)}",
+        f"  trusted set: {info['trusted']}",
+        f"  labels: {noise}",
+        f"  test set evaluated {tests}",
+    ]
+    if resumed_at is not None:
+        lines.append(f"  resuming after epoch {resumed_at}")
+    return "\n".join(lines)

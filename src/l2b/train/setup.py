@@ -108,7 +108,9 @@ def start_run(cfg: Config | None, resume: str | Path | None, data: ImageData | N
     data = load_dataset(cfg) if data is None else data
     td = prepare_data(cfg, data, device, method.trains_on_clean)
     if method.uses_meta_set and cfg.meta_set != "pseudo" and len(td.y_clean) == 0:
-        raise L2BError(f"method {cfg.method!r} needs a clean set: set val_size > 0 or meta_set=pseudo")
+        raise L2BError(f"method {cfg.method!r} needs a trusted (clean) set and {cfg.dataset} brings none: give one "
+                       "(--trusted KIND:PATH, or a val split in the data), or pass --meta-set pseudo, or choose a "
+                       "method without one (e.g. --method ce)")
     if resume is None and dist_info.is_main:
         write_run_files(out, cfg, td, data)
 
