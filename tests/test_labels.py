@@ -136,11 +136,11 @@ def test_predict_and_eval_cli(run, tmp_path, capsys):
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
     assert np.array_equal(pred["predicted"], probs.argmax(1))
     capsys.readouterr()
-    cm_out = tmp_path / "cm.png"
+    cm_out = tmp_path / "eval.json"
     assert cli.main(["eval", "--checkpoint", str(run), "--data", f"npz:{tmp_path / 'new.npz'}",
                      "--out", str(cm_out)]) == 0
     assert "accuracy" in capsys.readouterr().out
-    cm = np.array(json.loads(cm_out.with_suffix(".json").read_text())["confusion"])
+    cm = np.array(json.loads(cm_out.read_text())["confusion_matrix"])
     assert cm.shape == (K, K) and cm.sum() == 37
     assert cm.trace() == int(np.sum(pred["predicted"] == y))
 
@@ -164,13 +164,13 @@ def test_predict_and_eval_from_image_folder_and_csv(run, tmp_path, capsys):
                                atol=1e-5)  # PNG round trip is lossless: same inputs, same outputs
     capsys.readouterr()
     assert cli.main(["eval", "--checkpoint", str(run), "--data", f"folder:{tmp_path / 'imgs'}",
-                     "--out", str(tmp_path / "cm.png")]) == 0
+                     "--out", str(tmp_path / "cm.json")]) == 0
     assert "on 12 samples" in capsys.readouterr().out
     listing = tmp_path / "imgs" / "list.csv"
     rows = [f"{classes[y[i]]}/{i:02d}.png,{classes[y[i]]}" for i in range(12)]
     listing.write_text("path,label\n" + "\n".join(rows) + "\n")
     assert cli.main(["eval", "--checkpoint", str(run), "--data", f"csv:{listing}",
-                     "--out", str(tmp_path / "cm2.png")]) == 0
+                     "--out", str(tmp_path / "cm2.json")]) == 0
     assert "on 12 samples" in capsys.readouterr().out
     listing.write_text("../../escape.png,low\n")
     assert cli.main(["predict", "--checkpoint", str(run), "--data", f"csv:{listing}"]) == 2

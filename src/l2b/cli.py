@@ -10,6 +10,8 @@ import sys
 import typing
 from pathlib import Path
 
+import numpy as np
+
 from .config import Config, describe, load_yaml, make_config
 from .errors import Interrupted, L2BError
 from .models import list_models
@@ -91,12 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also score cleanlab's find_label_issues on the same model (needs cleanlab)")
 
     for name, text in (("predict", "class probabilities of a trained run on new data: predictions.csv"),
-                       ("eval", "accuracy and confusion matrix of a trained run on labelled data")):
+                       ("eval", "accuracy, per-class precision/recall/F1 and confusion matrix of a trained run on "
+                                "a test split: eval.json")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--checkpoint", required=True, metavar="RUN_DIR", help="folder of an `l2b train` run")
-        p.add_argument("--data", required=True, metavar="KIND:PATH", help="e.g. npz:test.npz (arrays x [, y])")
-        p.add_argument("--out", metavar="PATH",
-                       help="output file (default RUN_DIR/predictions.csv, RUN_DIR/confusion_matrix.png)")
+        p.add_argument("--checkpoint", required=True, metavar="PATH",
+                       help="an `l2b train` run folder (its checkpoint.pt: the last epoch's model), or its "
+                            "checkpoint.pt or best.pt (the best clean-validation model)")
+        if name == "predict":
+            p.add_argument("--data", required=True, metavar="KIND:PATH",
+                           help="npz:FILE (array x), folder:DIR (image files) or csv:FILE (rows path[,label])")
+            p.add_argument("--out", metavar="FILE.csv", help="a new .csv file (default RUN_DIR/predictions.csv, "
+                                                             "numbered if it exists; nothing is overwritten)")
+        else:
+            p.add_argument("--data", metavar="KIND:PATH",
+                           help="labelled data, its test split only: npz:FILE (x_test, y_test of a training file, "
+                                "else x, y), folder:DIR (its test/ in the training layout, else one sub-folder per "
+                                "class), csv:FILE (the rows of split test, else rows path,label); default: the "
+                                "run's own data set's test split")
+            p.add_argument("--out", metavar="FILE.json", help="a new .json file (default RUN_DIR/eval.json, "
+                                                              "numbered if it exists; nothing is overwritten)")
+            p.add_argument("--plot", metavar="FILE.png", help="also draw the confusion matrix to this new .png file")
         p.add_argument("--device", default="cpu")
         p.add_argument("--batch-size", type=int, default=1000)
 
@@ -279,36 +295,59 @@ def _num(v) -> str:
 
 
 def _predict(args, evaluate: bool) -> int:
-    from pathlib import Path
-
-    import numpy as np
-
-    from .apps.predict import confusion_matrix, load_run_model, plot_confusion, prediction_table
+    from .apps.predict import load_run_model, new_output_path, prediction_table, resolve_checkpoint
     from .data.user import read_inputs
     from .runfiles import write_table
 
+    if args.batch_size < 1:
+        raise L2BError(f"--batch-size must be at least 1, got {args.batch_size}")
+    run_dir, _ = resolve_checkpoint(args.checkpoint)
+    if evaluate:
+        return _evaluate(args, run_dir)
+    out = new_output_path(args.out, run_dir / "predictions.csv", (".csv",), "--out")
     rm = load_run_model(args.checkpoint, args.device)
     data = read_inputs(args.data, rm.classes, rm.input_shape[-1] if len(rm.input_shape) == 3 else None)
     probs = rm.predict_proba(data.x, args.batch_size)
-    if not evaluate:
-        out = Path(args.out or Path(args.checkpoint) / "predictions.csv")
-        write_table(prediction_table(probs, rm.classes, data.paths), out)
-        print(f"l2b predict: {len(probs)} rows written to {out}")
-        return 0
-    if data.y is None:
-        raise L2BError(f"--data {args.data} has no labels (array 'y' or 'y_test'); `l2b eval` needs them")
-    if len(data.y) != len(probs) or (len(data.y) and (data.y.min() < 0 or data.y.max() >= rm.num_classes)):
-        raise L2BError(f"--data {args.data}: labels must be {len(probs)} integers in [0, {rm.num_classes})")
-    pred = probs.argmax(1)
-    cm = confusion_matrix(data.y, pred, rm.num_classes)
-    print(f"l2b eval: accuracy {100 * float(np.mean(pred == data.y)):.2f}% on {len(pred)} samples")
-    out = Path(args.out or Path(args.checkpoint) / "confusion_matrix.png")
-    out.with_suffix(".json").write_text(json.dumps({"classes": rm.classes, "confusion": cm.tolist(),
-                                                    "rows": "true class", "columns": "predicted class"}))
-    if plot_confusion(cm, rm.classes, out):
-        print(f"  confusion matrix: {out} (and {out.with_suffix('.json')})")
+    write_table(prediction_table(probs, rm.classes, data.paths), out)
+    print(f"l2b predict: {len(probs)} rows written to {out}\n  model: {rm.checkpoint}")
+    return 0
+
+
+def _evaluate(args, run_dir: Path) -> int:
+    """`l2b eval`: the test split of --data (or of the run's own data set) -> eval.json (and a plot)."""
+    from .apps.predict import classification_report, load_run_model, new_output_path, plot_confusion
+    from .data.sources import load_dataset
+    from .data.user import read_inputs
+
+    out = new_output_path(args.out, run_dir / "eval.json", (".json",), "--out")
+    plot = new_output_path(args.plot, run_dir / "confusion_matrix.png", (".png",), "--plot") if args.plot else None
+    rm = load_run_model(args.checkpoint, args.device)
+    cfg = make_config(load_yaml(run_dir / "config.yaml"), source=str(run_dir / "config.yaml"))
+    if args.data is None or args.data == cfg.dataset:  # the run's own split, exactly as training made it
+        data = load_dataset(cfg)
+        x, y, spec = data.x_test, data.y_test, f"{cfg.dataset} (test split)"
     else:
-        print(f"  confusion matrix: {out.with_suffix('.json')} (no PNG: matplotlib is not installed)")
+        arrays = read_inputs(args.data, rm.classes, rm.input_shape[-1] if len(rm.input_shape) == 3 else None,
+                             split="test")
+        x, y, spec = arrays.x, arrays.y, args.data
+        if y is None:
+            raise L2BError(f"--data {args.data} has no labels (npz: y or y_test; folder: one sub-folder per class "
+                           "named as the run's classes; csv: rows path,label); `l2b eval` needs them")
+    if len(y) == 0:
+        raise L2BError(f"--data {spec}: the test split is empty")
+    if len(y) != len(x) or y.min() < 0 or y.max() >= rm.num_classes:
+        raise L2BError(f"--data {spec}: labels must be {len(x)} integers in [0, {rm.num_classes})")
+    pred = rm.predict_proba(x, args.batch_size).argmax(1)
+    report = classification_report(np.asarray(y), pred, rm.classes)
+    report.update({"checkpoint": rm.checkpoint, "data": spec, "split": "test"})
+    out.write_text(json.dumps(report, indent=1))
+    print(f"l2b eval: accuracy {100 * report['accuracy']:.2f}% on {len(pred)} samples of {spec}, macro F1 "
+          f"{report['macro_f1']:.3f}\n  model: {rm.checkpoint}\n  written to {out}")
+    if plot is not None:
+        if plot_confusion(np.asarray(report["confusion_matrix"]), rm.classes, plot):
+            print(f"  confusion matrix plot: {plot}")
+        else:
+            print("  no plot: matplotlib is not installed")
     return 0
 
 

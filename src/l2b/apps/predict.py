@@ -23,7 +23,15 @@ from ..train.checkpoint import safe_load
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunModel", "load_run_model", "prediction_table", "confusion_matrix", "plot_confusion"]
+__all__ = ["RunModel", "load_run_model", "resolve_checkpoint", "prediction_table", "confusion_matrix",
+           "classification_report", "plot_confusion", "new_output_path"]
+
+try:
+    import sklearn.metrics as sk_metrics
+
+    has_sklearn = True
+except ImportError:
+    has_sklearn = False
 
 
 @dataclass
@@ -37,6 +45,7 @@ class RunModel:
     scale: float  # inputs stored as uint8 are divided by this (255), floats are used as given
     classes: list[str]
     device: torch.device
+    checkpoint: str = ""  # which weights, in words: the file and its epoch
 
     @property
     def num_classes(self) -> int:
@@ -76,26 +85,43 @@ def _to_layout(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
                    "(accepted: C,H,W / H,W,C / H,W for one channel / D for feature vectors)")
 
 
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run folder, weights file) of ``path``: a run folder (its checkpoint.pt, the last epoch's model), or
+    a ``.pt`` file of a run folder (``checkpoint.pt``, ``best.pt`` or a kept ``checkpoint-epochNNNN.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        return path, path / "checkpoint.pt"
+    if path.suffix == ".pt":
+        return path.parent, path
+    raise L2BError(f"--checkpoint {path}: not a run folder or a .pt file of one (checkpoint.pt, best.pt)")
+
+
 def load_run_model(run_dir: str | Path, device: str = "cpu") -> RunModel:
-    """Rebuild a finished run's model: architecture from config.yaml, weights from checkpoint.pt."""
-    run = Path(run_dir)
-    for name in ("config.yaml", "checkpoint.pt", "normalization.json", "classes.json"):
+    """Rebuild a finished run's model: architecture from config.yaml, weights from checkpoint.pt (or the
+    ``.pt`` file given instead of the folder, e.g. best.pt)."""
+    run, weights = resolve_checkpoint(run_dir)
+    for name in ("config.yaml", weights.name, "normalization.json", "classes.json"):
         if not (run / name).is_file():
-            raise L2BError(f"{run / name} not found: --checkpoint takes the folder of an `l2b train` run")
+            raise L2BError(f"{run / name} not found: --checkpoint takes the folder of an `l2b train` run, or its "
+                           "checkpoint.pt or best.pt")
     cfg = make_config(load_yaml(run / "config.yaml"), source=str(run / "config.yaml"))
     norm = json.loads((run / "normalization.json").read_text())
     classes = json.loads((run / "classes.json").read_text())
     shape = tuple(norm["input_shape"])
     model = create_model(cfg.model, num_classes=len(classes), in_channels=shape[0])
-    state = safe_load(run / "checkpoint.pt")
+    state = safe_load(weights)
+    if not isinstance(state, dict) or "model" not in state:
+        raise L2BError(f"{weights}: not a checkpoint of an `l2b train` run (no model weights in it)")
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        raise L2BError(f"{run / 'checkpoint.pt'}: weights do not fit model {cfg.model!r} "
+        raise L2BError(f"{weights}: weights do not fit model {cfg.model!r} "
                        f"({str(exc).splitlines()[0]})") from None
+    epoch = state.get("epoch", (state.get("position") or {}).get("epoch"))
+    which = f"{weights} ({'best clean-validation model, ' if 'val_acc' in state else ''}epoch {epoch})"
     dev = torch.device(device)
     return RunModel(model.to(dev).eval(), torch.tensor(norm["mean"]), torch.tensor(norm["std"]), shape,
-                    float(norm.get("scale", 255.0)), classes, dev)
+                    float(norm.get("scale", 255.0)), classes, dev, which)
 
 
 def prediction_table(probs: np.ndarray, classes: list[str], paths: list[str] | None = None) -> dict:
@@ -112,6 +138,47 @@ def prediction_table(probs: np.ndarray, classes: list[str], paths: list[str] | N
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
     """(K, K) counts, rows = true class, columns = predicted class."""
     return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, -1)
+
+
+def classification_report(y_true: np.ndarray, y_pred: np.ndarray, classes: list[str]) -> dict:
+    """Accuracy, per-class precision / recall / F1 / support and the confusion matrix (rows: true class,
+    columns: predicted class), with sklearn.metrics where installed. A class never predicted has
+    precision 0; one absent from ``y_true`` has recall 0 (sklearn's ``zero_division=0``)."""
+    k = len(classes)
+    if has_sklearn:
+        cm = sk_metrics.confusion_matrix(y_true, y_pred, labels=list(range(k)))
+        precision, recall, f1, support = sk_metrics.precision_recall_fscore_support(
+            y_true, y_pred, labels=list(range(k)), zero_division=0)
+    else:
+        cm = confusion_matrix(y_true, y_pred, k)
+        tp, predicted, support = np.diag(cm).astype(float), cm.sum(0), cm.sum(1)
+        precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
+        recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
+        f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros(k), where=precision + recall > 0)
+    per_class = [{"class": c, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                  "support": int(support[i])} for i, c in enumerate(classes)]
+    return {"accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else None, "num_samples": int(len(y_true)),
+            "macro_f1": float(np.mean(f1)), "per_class": per_class, "confusion_matrix": np.asarray(cm).tolist(),
+            "confusion_matrix_axes": "rows: true class, columns: predicted class", "classes": list(classes)}
+
+
+def new_output_path(out: str | None, default: Path, suffixes: tuple[str, ...], flag: str) -> Path:
+    """Where to write: ``out`` (it must not exist and must end in one of ``suffixes``), else ``default``,
+    numbered (``eval-2.json``, ...) where it exists. Nothing the user has is ever overwritten."""
+    if out is not None:
+        path = Path(out)
+        if path.suffix.lower() not in suffixes:
+            raise L2BError(f"{flag} {out}: the file name must end in {' or '.join(suffixes)}")
+        if path.exists():
+            raise L2BError(f"{flag} {out} already exists; choose another name (nothing was overwritten)")
+        if not path.parent.is_dir():
+            raise L2BError(f"{flag} {out}: folder {path.parent} does not exist")
+        return path
+    path, k = default, 1
+    while path.exists():
+        k += 1
+        path = default.with_name(f"{default.stem}-{k}{default.suffix}")
+    return path
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> bool:

@@ -176,12 +176,14 @@ class Arrays:
     paths: list[str] | None = None
 
 
-def read_npz(path: str) -> Arrays:
-    """An ``.npz`` with inputs under ``x`` (or ``x_test``) and optional labels under ``y`` (or ``y_test``)."""
+def read_npz(path: str, split: str | None = None) -> Arrays:
+    """An ``.npz`` with inputs under ``x`` (or ``x_test``) and optional labels under ``y`` (or ``y_test``);
+    ``split="test"``: a training file's (one with ``x_train``) ``x_test`` and ``y_test``."""
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
-            xk = next((k for k in ("x", "x_test") if k in keys), None)
+            order = ("x_test",) if split == "test" and "x_train" in keys else ("x", "x_test")
+            xk = next((k for k in order if k in keys), None)
             if xk is None:
                 raise L2BError(f"{path}: no array named 'x' or 'x_test' (found: {', '.join(sorted(keys)) or 'none'})")
             yk = {"x": "y", "x_test": "y_test"}[xk]
@@ -190,10 +192,16 @@ def read_npz(path: str) -> Arrays:
         raise L2BError(f"cannot read {path} as .npz ({exc})") from None
 
 
-def read_folder(path: str, classes: list[str], image_size: int | None) -> Arrays:
+def read_folder(path: str, classes: list[str], image_size: int | None, split: str | None = None) -> Arrays:
     """Every image file under ``path`` (recursively, sorted). When the files sit in sub-folders named
-    after the run's classes, those names are the labels (for `l2b eval`)."""
+    after the run's classes, those names are the labels (for `l2b eval`). ``split="test"``: a training
+    layout's (train/, val/, test/) ``test/`` only."""
     root = Path(path)
+    if split == "test" and any((root / s).is_dir() for s in ("train", "val")):
+        if not (root / "test").is_dir():
+            raise L2BError(f"{root}: no test/ split to evaluate on (found train/ or val/; their labels are "
+                           "the training and trusted ones)")
+        root = root / "test"
     files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise L2BError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -203,11 +211,17 @@ def read_folder(path: str, classes: list[str], image_size: int | None) -> Arrays
     return Arrays(decode_images(files, image_size), y, [str(f) for f in files])
 
 
-def read_csv(path: str, classes: list[str], image_size: int | None) -> Arrays:
+def read_csv(path: str, classes: list[str], image_size: int | None, split: str | None = None) -> Arrays:
     """Rows ``path[,label]`` (a header row is allowed), paths relative to the CSV's folder and never
-    outside it; labels are class indices or the run's class names."""
+    outside it; labels are class indices or the run's class names. ``split="test"``: of a training
+    listing (rows ``path,label,split``), the rows of the test split only."""
     csv_path = Path(path)
     rows = read_listing(csv_path, "path[,label]")
+    if split == "test" and any(len(r) >= 3 for r in rows):
+        rows = [r for r in rows if len(r) >= 3 and SPLIT_NAMES.get(r[2].lower()) == "test"]
+        if not rows:
+            raise L2BError(f"{csv_path}: no row of the test split to evaluate on (the train and val rows hold the "
+                           "training and trusted labels)")
     files = [inside(csv_path.parent, r[0], csv_path) for r in rows]
     y = None
     if all(len(r) >= 2 and r[1] for r in rows):
@@ -222,17 +236,20 @@ def read_csv(path: str, classes: list[str], image_size: int | None) -> Arrays:
     return Arrays(decode_images(files, image_size), y, [str(f) for f in files])
 
 
-# kind -> reader(path, classes, image_size) -> Arrays
-SOURCES = {"npz": lambda path, classes, size: read_npz(path), "folder": read_folder, "csv": read_csv}
+# kind -> reader(path, classes, image_size, split) -> Arrays
+SOURCES = {"npz": lambda path, classes, size, split=None: read_npz(path, split), "folder": read_folder,
+           "csv": read_csv}
 
 
-def read_inputs(spec: str, classes: list[str] | None = None, image_size: int | None = None) -> Arrays:
+def read_inputs(spec: str, classes: list[str] | None = None, image_size: int | None = None,
+                split: str | None = None) -> Arrays:
     """Read ``KIND:PATH`` (e.g. ``npz:test.npz``, ``folder:imgs``, ``csv:list.csv``) with the reader
-    registered for KIND; image files are decoded at ``image_size`` (the run's input size)."""
+    registered for KIND; image files are decoded at ``image_size`` (the run's input size). With
+    ``split="test"``, a source in the training layout gives its test split only (`l2b eval`)."""
     kind, sep, path = spec.partition(":")
     if not sep or not path:
         raise L2BError(f"--data must be KIND:PATH with KIND one of {', '.join(sorted(SOURCES))}, got {spec!r}")
     check_choice("data source", kind, SOURCES)
     if not Path(path).exists():
         raise L2BError(f"--data {spec}: {path} does not exist")
-    return SOURCES[kind](path, list(classes or []), image_size)
+    return SOURCES[kind](path, list(classes or []), image_size, split)
