@@ -57,7 +57,7 @@ def add_trusted(data: ImageData, cfg) -> None:
     if data.x_val is not None:
         raise L2BError(f"--trusted {cfg.trusted}: {cfg.dataset} already brings a trusted (val) split; "
                        "give one or the other")
-    arrays = read_inputs(cfg.trusted, data.classes, cfg.image_size)
+    arrays = read_inputs(cfg.trusted, data.classes, cfg.image_size, split="val")  # a training layout: its val
     if arrays.y is None:
         raise L2BError(f"--trusted {cfg.trusted}: no labels found (npz: arrays x and y; folder: one sub-folder "
                        "per class, named as the training classes; csv: rows path,label)")

@@ -178,15 +178,16 @@ class Arrays:
 
 def read_npz(path: str, split: str | None = None) -> Arrays:
     """An ``.npz`` with inputs under ``x`` (or ``x_test``) and optional labels under ``y`` (or ``y_test``);
-    ``split="test"``: a training file's (one with ``x_train``) ``x_test`` and ``y_test``."""
+    with ``split`` ("test" or "val"), a training file's (one with ``x_train``) ``x_<split>``, ``y_<split>``."""
     try:
         with np.load(path, allow_pickle=False) as z:
             keys = set(z.files)
-            order = ("x_test",) if split == "test" and "x_train" in keys else ("x", "x_test")
+            order = (f"x_{split}",) if split and "x_train" in keys else ("x", "x_test") if split != "val" else ("x",)
             xk = next((k for k in order if k in keys), None)
             if xk is None:
-                raise L2BError(f"{path}: no array named 'x' or 'x_test' (found: {', '.join(sorted(keys)) or 'none'})")
-            yk = {"x": "y", "x_test": "y_test"}[xk]
+                raise L2BError(f"{path}: no array named {' or '.join(repr(k) for k in order)} "
+                               f"(found: {', '.join(sorted(keys)) or 'none'})")
+            yk = "y" + xk[1:]
             return Arrays(z[xk], z[yk].astype(np.int64) if yk in keys else None)
     except (OSError, ValueError) as exc:
         raise L2BError(f"cannot read {path} as .npz ({exc})") from None
@@ -197,11 +198,10 @@ def read_folder(path: str, classes: list[str], image_size: int | None, split: st
     after the run's classes, those names are the labels (for `l2b eval`). ``split="test"``: a training
     layout's (train/, val/, test/) ``test/`` only."""
     root = Path(path)
-    if split == "test" and any((root / s).is_dir() for s in ("train", "val")):
-        if not (root / "test").is_dir():
-            raise L2BError(f"{root}: no test/ split to evaluate on (found train/ or val/; their labels are "
-                           "the training and trusted ones)")
-        root = root / "test"
+    if split and any((root / s).is_dir() for s in ("train", "val", "test")):
+        if not (root / split).is_dir():
+            raise L2BError(f"{root}: no {split}/ split here (a folder in the training layout gives its {split}/ only)")
+        root = root / split
     files = sorted(f for f in root.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise L2BError(f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -217,11 +217,11 @@ def read_csv(path: str, classes: list[str], image_size: int | None, split: str |
     listing (rows ``path,label,split``), the rows of the test split only."""
     csv_path = Path(path)
     rows = read_listing(csv_path, "path[,label]")
-    if split == "test" and any(len(r) >= 3 for r in rows):
-        rows = [r for r in rows if len(r) >= 3 and SPLIT_NAMES.get(r[2].lower()) == "test"]
+    if split and any(len(r) >= 3 for r in rows):
+        rows = [r for r in rows if len(r) >= 3 and SPLIT_NAMES.get(r[2].lower()) == split]
         if not rows:
-            raise L2BError(f"{csv_path}: no row of the test split to evaluate on (the train and val rows hold the "
-                           "training and trusted labels)")
+            raise L2BError(f"{csv_path}: no row of the {split} split (a listing with a split column gives that "
+                           "split's rows only)")
     files = [inside(csv_path.parent, r[0], csv_path) for r in rows]
     y = None
     if all(len(r) >= 2 and r[1] for r in rows):
@@ -245,7 +245,7 @@ def read_inputs(spec: str, classes: list[str] | None = None, image_size: int | N
                 split: str | None = None) -> Arrays:
     """Read ``KIND:PATH`` (e.g. ``npz:test.npz``, ``folder:imgs``, ``csv:list.csv``) with the reader
     registered for KIND; image files are decoded at ``image_size`` (the run's input size). With
-    ``split="test"``, a source in the training layout gives its test split only (`l2b eval`)."""
+    ``split`` ("test": `l2b eval`; "val": ``--trusted``), a source in the training layout gives that split only."""
     kind, sep, path = spec.partition(":")
     if not sep or not path:
         raise L2BError(f"--data must be KIND:PATH with KIND one of {', '.join(sorted(SOURCES))}, got {spec!r}")
