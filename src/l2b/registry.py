@@ -82,8 +82,8 @@ class Registry(Generic[F]):
     def __getitem__(self, name: str) -> F:
         return self._entries[name]
 
-    def __setitem__(self, name: str, fn: F) -> None:
-        self.register(name)(fn)
+    def __setitem__(self, name: str, fn: F) -> None:  # the swapped entry keeps its metadata (a preset)
+        self.register(name, **self._meta.get(name, {}))(fn)
 
     def __delitem__(self, name: str) -> None:
         del self._entries[name]
