@@ -1,11 +1,25 @@
 """The generated parts of the docs agree with what they are generated from."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool(name):
+    sys.path.insert(0, str(ROOT / "tools"))  # results_tables imports its sibling results_values
+    try:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(ROOT / "tools"))
 
 
 def run_tool(name, *args, cwd=ROOT):
@@ -17,7 +31,36 @@ def test_results_md_tables_match_the_committed_run_folders():
     # docs/RESULTS.md's tables are generated from docs/results/runs; a hand edit or a stale table fails here
     done = run_tool("results_tables.py", "--check")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "every table matches" in done.stdout
+    assert "every table and value matches" in done.stdout
+    assert "no number outside them" in done.stdout  # README.md, docs/RESULTS.md and docs/METHOD.md's results
+
+
+def test_a_number_typed_outside_the_generated_blocks_is_found():
+    tables = load_tool("results_tables")
+    text = ("# Intro\nL2B on seeds 1-3 at 40% noise, `--epochs 80`, Table 7, eq. 9, CVPR 2024.\n"
+            "## Results\nL2B gains <!-- value:diff l2b l2rw sym40 -->+1.40<!-- /value --> points.\n"
+            "<!-- table:headline -->\n| l2b | 79.52 |\n<!-- /table -->\n"
+            "It reaches 82.91 at 80 epochs.\n## Speed\nCE takes 2.61 s.\n")
+    found = tables.stray_numbers(text)
+    assert [(n, section) for n, _, section in found] == [(8, "Results"), (10, "Speed")]
+    assert "82.91" in found[0][1] and "80 epochs" not in found[0][1]  # the budget is a setting
+    # docs/METHOD.md: only results count, not equation numbers or the published code's settings
+    method = "## B\nEq. 8 with momentum 0.9 and T = 10.\nThe exact step measured 2.98x CE.\n"
+    assert [n for n, _, _ in tables.stray_numbers(method, results_only=True)] == [3]
+
+
+def test_a_value_span_is_computed_from_the_run_folders():
+    values = load_tool("results_values")
+    # L2B minus L2RW at 80 epochs, 40% symmetric, seeds 0-2: each pair from the committed summaries
+    runs = {(r.summary["method"], r.summary["seed"]): r.summary["test_acc_best_val"]
+            for r in values.all_runs() if r.config.get("epochs") == 80 and r.summary["noise_rate"] == 0.4}
+    expected = [runs["l2b", s] - runs["l2rw", s] for s in (0, 1, 2)]
+    assert values.value("diff l2b,epochs=80 l2rw,epochs=80 sym40 seeds=0-2") == values.join(
+        [f"{d:+.2f}" for d in expected])
+    assert values.value("diff l2b,epochs=80 l2rw,epochs=80 sym40 seeds=0-2 show=wins") == str(
+        sum(d > 0 for d in expected))
+    with pytest.raises(ValueError, match="no run of seed"):
+        values.value("acc l2b,epochs=80 sym40 seeds=7")
 
 
 def test_method_md_anchors_start_and_end_on_their_pinned_lines():
