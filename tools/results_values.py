@@ -222,7 +222,8 @@ def epoch_mean(run, key: str, span: str) -> float:
 def metric(spec: str, setting: str, key: str, *, epochs: str = "last", minus: str | None = None,
            ratio_to: str | None = None, seeds: str = "1,2,3", per: str = "run", show: str = "each",
            fmt: str = ".2f") -> str:
-    """A per-epoch figure of ``metrics.jsonl`` (``val_acc``, ``test_acc``, ``alpha_flipped``, ``beta_clean``...):
+    """A per-epoch figure of ``metrics.jsonl`` (``val_acc``, ``test_acc``, ``alpha_flipped``, ``beta_clean``...,
+    or several, comma-separated and pooled):
     each run's mean over ``epochs`` (comma list of spans, see ``epoch_span``), paired by seed with ``minus``
     (that run's mean subtracted) or divided by the same run's mean of ``ratio_to``. ``per=run``: one value
     per run and span; ``per=span``: per span, the mean over runs (pooled over the settings), a ratio being
@@ -234,9 +235,9 @@ def metric(spec: str, setting: str, key: str, *, epochs: str = "last", minus: st
             runs = pick(spec, one, seeds)
             others = pick(minus, one, seeds) if minus else {}
             for seed, run in runs.items():
-                num = epoch_mean(run, key, span) - (epoch_mean(others[seed], key, span) if minus else 0)
-                nums.append(num)
-                dens.append(epoch_mean(run, ratio_to, span) if ratio_to else 1.0)
+                for k in key.split(","):  # several keys pool like several settings
+                    nums.append(epoch_mean(run, k, span) - (epoch_mean(others[seed], k, span) if minus else 0))
+                    dens.append(epoch_mean(run, ratio_to, span) if ratio_to else 1.0)
         if per == "span":
             values.append(statistics.fmean(nums) / statistics.fmean(dens))
         else:
