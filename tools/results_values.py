@@ -224,10 +224,12 @@ def metric(spec: str, setting: str, key: str, *, epochs: str = "last", minus: st
            fmt: str = ".2f") -> str:
     """A per-epoch figure of ``metrics.jsonl`` (``val_acc``, ``test_acc``, ``alpha_flipped``, ``beta_clean``...,
     or several, comma-separated and pooled):
-    each run's mean over ``epochs`` (comma list of spans, see ``epoch_span``), paired by seed with ``minus``
+    each run's mean over ``epochs`` (comma list of spans, see ``epoch_span``, or ``every`` meta epoch), paired by seed with ``minus``
     (that run's mean subtracted) or divided by the same run's mean of ``ratio_to``. ``per=run``: one value
     per run and span; ``per=span``: per span, the mean over runs (pooled over the settings), a ratio being
     the ratio of those means, as the phases table has them."""
+    if epochs == "every":  # each meta epoch on its own (2 to the last; epoch 1 is the CE warm-up)
+        epochs = ",".join(map(str, range(2, len(next(iter(pick(spec, setting.split(",")[0], seeds).values())).metrics) + 1)))
     values = []
     for span in epochs.split(","):
         nums, dens = [], []
