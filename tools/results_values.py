@@ -227,7 +227,8 @@ def metric(spec: str, setting: str, key: str, *, epochs: str = "last", minus: st
     each run's mean over ``epochs`` (comma list of spans, see ``epoch_span``, or ``every`` meta epoch), paired by seed with ``minus``
     (that run's mean subtracted) or divided by the same run's mean of ``ratio_to``. ``per=run``: one value
     per run and span; ``per=span``: per span, the mean over runs (pooled over the settings), a ratio being
-    the ratio of those means, as the phases table has them."""
+    the ratio of those means, as the phases table has them; ``per=wins``: per span, how many runs (pairs) are
+    above zero."""
     if epochs == "every":  # each meta epoch on its own (2 to the last; epoch 1 is the CE warm-up)
         epochs = ",".join(map(str, range(2, len(next(iter(pick(spec, setting.split(",")[0], seeds).values())).metrics) + 1)))
     values = []
@@ -242,6 +243,8 @@ def metric(spec: str, setting: str, key: str, *, epochs: str = "last", minus: st
                     dens.append(epoch_mean(run, ratio_to, span) if ratio_to else 1.0)
         if per == "span":
             values.append(statistics.fmean(nums) / statistics.fmean(dens))
+        elif per == "wins":
+            values.append(sum(n / d > 0 for n, d in zip(nums, dens)))
         else:
             values += [n / d for n, d in zip(nums, dens)]
     return summarise(values, show, fmt)
