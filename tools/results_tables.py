@@ -468,6 +468,7 @@ ALLOWED = {
     r"\b95%\s(?:t-)?interval|\bt\(0\.975, k - 1\)": "the confidence level the project uses, its t quantile",
     r"\bunder \d+ minutes\b": "a time limit the protocol sets (a requirement, not a result)",
     r"\b\d+ runs at a time\b": "how many runs a machine ran at once (a setting)",
+    r"\bwarm-up \d+\b|\blr \d+(?:\.\d+)?\b": "a one-change run's setting, named as the tables' rows name it",
     r"\[[\w./-]+\.(?:png|json|md|csv)\b": "file names as link text (the link target is taken out first)",
     r"\b[\d,]+/[\d,]+/[\d,]+ split\b": "the paper's ISIC split (a setting)",
     r"\b[Ss]eeds? \d(?:(?:, |-|–| and | to |,)\d)*": "which seeds a run used (settings)",
@@ -483,8 +484,6 @@ ALLOWED = {
 PENDING = {
     # the figures of `l2b bench step/weights` and benchmarks/gpu_check.sh: no JSON of theirs is committed yet
     "README.md": ["Scale and speed"],
-    # prose not yet rewritten with value spans
-    "RESULTS.md": ["Against the paper's orderings"],
     # a measured ratio of raw weights (no committed file) and the noise arithmetic
     "METHOD.md": ["Where l2b follows the published code", "Noise: the published code's models"],
 }
