@@ -10,7 +10,8 @@ committed file through one of these markers, and is rewritten whole by this tool
   ``render()`` below. Every cell is the mean ± sample std over seeds that `l2b report` computes
   (l2b.apps.report.aggregate); a cell with fewer than 3 seeds says how many.
 - a value inside a sentence: ``<!-- value:FUNC ARG ... key=val -->TEXT<!-- /value -->``, FUNC one of
-  tools/results_values.py's functions (``acc``, ``diff``, ``runs``, ``config``, ``labels``, ``bench``;
+  tools/results_values.py's functions (``acc``, ``diff``, ``runs``, ``config``, ``labels``, ``bench``, ``minutes``,
+  ``epoch_seconds``, ``metric``, ``group``;
   their docstrings give the arguments). To add a number to the prose, write the span with any TEXT
   (``<!-- value:diff l2b l2rw sym40 show=mean --><!-- /value -->``) and run this tool to fill it in.
 
@@ -31,7 +32,7 @@ import sys
 from pathlib import Path
 
 from l2b.apps.report import aggregate, load_runs, sample_groups
-from results_values import config, value
+from results_values import config, quarters, value
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "RESULTS.md"
@@ -248,12 +249,6 @@ def orderings_table(runs: list) -> str:
     return "\n".join(lines)
 
 
-def phases(epochs: int) -> list[tuple[int, int]]:
-    """The quarters of a run's epochs (1-based, inclusive), the first without epoch 1, the CE warm-up."""
-    q = epochs // 4
-    return [(2, q), (q + 1, 2 * q), (2 * q + 1, 3 * q), (3 * q + 1, epochs)]
-
-
 def _paired_metrics(runs, seeds: tuple[int, ...] = MAIN_SEEDS) -> dict[tuple, list[tuple[int, list, list]]]:
     """Per (setting (see ``setting``), noise, noise rate), the (seed, L2B's, L2RW's metrics lines) of each
     seed that both ran, for as many epochs."""
@@ -292,7 +287,7 @@ def phases_table(runs: list) -> str:
     lines = ["| setting | epochs | L2B - L2RW, clean-val acc | L2B - L2RW, test acc | L2RW: alpha flipped / "
              "clean | L2B: alpha flipped / clean | L2B: beta flipped / clean |", "|---|---|---|---|---|---|---|"]
     for name, pairs in groups:
-        for first, last in phases(len(pairs[0][1])) if pairs else ():
+        for first, last in quarters(len(pairs[0][1])) if pairs else ():
             texts = []
             for key in ("val_acc", "test_acc"):
                 gaps = [mean_over(a, first, last, key) - mean_over(b, first, last, key) for _, a, b in pairs]

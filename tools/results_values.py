@@ -319,7 +319,9 @@ def value(expr: str) -> str:
     func, *tokens = expr.split()
     if func not in VALUES:
         raise SystemExit(f"unknown value function {func!r} in {expr!r}; known: {', '.join(VALUES)}")
-    keyword = lambda t: "=" in t and t.split("=")[0] in _KEYWORDS  # noqa: E731 (``config epochs`` is positional)
+    def keyword(token: str) -> bool:  # ``config epochs``: a key's name alone is positional
+        return "=" in token and token.split("=")[0] in _KEYWORDS
+
     args = [t for t in tokens if not keyword(t)]
     kwargs = dict(t.split("=", 1) for t in tokens if keyword(t))
     return VALUES[func](*args, **kwargs)
