@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from l2b import L2BError
 from l2b.train.checkpoint import safe_load
 from l2b.cli import main
 
@@ -145,7 +146,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(L2BError, match=r"cannot write .*c\.pt \(disk full\); the previous c\.pt.* is intact"):
         atomic_save({"a": torch.zeros(3)}, target)
     assert torch.equal(safe_load(target)["a"], torch.ones(3))  # the old file survives whole
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary left behind

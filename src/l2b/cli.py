@@ -16,6 +16,7 @@ from .config import Config, describe, load_yaml, make_config
 from .errors import Interrupted, L2BError
 from .models import list_models
 from .parallel import is_rank_zero, launched, rank_prefix
+from .runfiles import claim_output
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse's own usage dump is noise here)
@@ -69,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                                          "40%% symmetric noise)")
     train.add_argument("--config", metavar="FILE", help="YAML file with the same keys; flags override it")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    train.add_argument("--resume-anyway", action="store_true",
+                       help="with --resume: use a checkpoint whose checksum or data fingerprint does not match "
+                            "(altered file, changed data or noisy labels), knowingly")
     train.add_argument("--quiet", action="store_true", help="no progress bar or per-epoch lines")
     _add_config_flags(train)
 
@@ -85,12 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders, or folders containing them")
     report.add_argument("--out", metavar="DIR", help="where to write (default: RUN_DIR/report for one RUN_DIR, else report)")
     report.add_argument("--no-plots", action="store_true", help="tables only (no matplotlib needed)")
+    report.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     labels = sub.add_parser("labels", help="rank a run's training labels by quality: RUN_DIR/label_issues.csv")
     labels.add_argument("run_dir", metavar="RUN_DIR")
     labels.add_argument("--threshold", type=float, default=0.5,
                         help="flag a label when its label_quality is below this (default 0.5)")
     labels.add_argument("--compare-cleanlab", action="store_true",
                         help="also score cleanlab's find_label_issues on the same model (needs cleanlab)")
+    labels.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR/label_issues.csv")
 
     for name, text in (("predict", "class probabilities of a trained run on new data: predictions.csv"),
                        ("eval", "accuracy, per-class precision/recall/F1 and confusion matrix of a trained run on "
@@ -165,6 +171,8 @@ def _train(args, argv: list[str]) -> int:
     from .train.distributed import finish, launch, strip_nproc, teardown
 
     flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config) if getattr(args, f.name) is not None}
+    if args.resume_anyway and not args.resume:
+        raise L2BError("--resume-anyway goes with --resume RUN_DIR")
     if args.resume:
         if flags or args.config:
             raise L2BError("--resume continues a run with its saved config; give no other training options")
@@ -173,7 +181,7 @@ def _train(args, argv: list[str]) -> int:
         if nproc > 1 and not launched():  # a data-parallel run resumes with as many processes
             return launch(nproc, argv)
         try:
-            summary = train(None, resume=args.resume, progress=not args.quiet)
+            summary = train(None, resume=args.resume, progress=not args.quiet, resume_anyway=args.resume_anyway)
             finish()
         finally:
             teardown()
@@ -234,6 +242,8 @@ def _report(args) -> int:
     from .apps.report import write_report
 
     out = args.out or (str(Path(args.runs[0]) / "report") if len(args.runs) == 1 else "report")
+    if Path(out).is_dir():
+        claim_output(Path(out) / "report.md", overwrite=args.overwrite)
     result = write_report(args.runs, out, plots=not args.no_plots)
     print(f"l2b report: {result['runs']} runs, {len(result['rows'])} table rows")
     for f in result["files"]:
@@ -275,6 +285,7 @@ def _data(args) -> int:
 def _labels(args) -> int:
     from .apps.labels import cleanlab_scores, label_issues_for_run
 
+    claim_output(Path(args.run_dir) / "label_issues.csv", overwrite=args.overwrite)
     cleanlab = cleanlab_scores(args.run_dir) if args.compare_cleanlab else None  # fails early when missing
     issues, result = label_issues_for_run(args.run_dir, threshold=args.threshold)
     n = len(issues["index"])
@@ -459,6 +470,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("l2b: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like: the reader left, nothing to say
+        _silence_stdout()
+        return 0
+    except OSError as exc:  # a full disk, a missing permission...: one line naming the file
+        if debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"l2b: error: {rank_prefix()}{where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush does not fail on the closed pipe."""
+    import os
+
+    if sys.stdout is not sys.__stdout__:  # in-process (tests): the caller owns that stream
+        return
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 if __name__ == "__main__":

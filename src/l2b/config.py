@@ -31,7 +31,7 @@ META_METHODS = ("l2b", "l2rw", "l2b-alpha0", "l2b-convex")  # the meta-reweighti
 
 
 def option(default, help: str, *, choices=None, low=None, high=None, low_open: bool = False,
-           high_open: bool = False, methods: tuple[str, ...] | None = None, group: str = ""):
+           high_open: bool = False, methods: tuple[str, ...] | None = None, group: str = "", parse: str | None = None):
     """Declare a Config field.
 
     Parameters
@@ -47,9 +47,12 @@ def option(default, help: str, *, choices=None, low=None, high=None, low_open: b
         The methods that read it (None: every method, or the trainer itself).
     group : str
         Heading of the option in ``--help`` and docs/OPTIONS.md.
+    parse : str, optional
+        A value syntax of :data:`PARSERS` (e.g. ``"interval"``): the text is checked with it, and a YAML
+        number is read as its text.
     """
     meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open,
-            "high_open": high_open, "methods": methods, "group": group}
+            "high_open": high_open, "methods": methods, "group": group, "parse": parse}
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -158,8 +161,9 @@ class Config:
     eval_batch_size: int = option(1000, "batch size of evaluation", low=1, group="run")
     test_every: int = option(0, "evaluate the test set every N epochs (a test curve; the benchmarks' presets: 1); "
                              "0 = only at the end, the last and the best clean-validation model", low=0, group="run")
-    checkpoint_every: int = option(1, "epochs between checkpoints (checkpoint.pt, used by --resume; the last "
-                                   "epoch always)", low=1, group="run")
+    checkpoint_every: str = option("1", "how often checkpoint.pt (used by --resume) is written: N epochs (e.g. 2), "
+                                   "N steps (500steps) or N minutes (10min); also before the first step and after "
+                                   "the last epoch", parse="interval", group="run")
     keep_checkpoints: int = option(1, "keep this many epoch checkpoints (1: only the latest)", low=1, group="run")
     on_nan: str = option("stop", "on a NaN/inf loss: stop (keep the last good checkpoint, exit 2) or skip the "
                          "step and count it", choices=("stop", "skip"), group="run")
@@ -182,7 +186,56 @@ ALIASES = {
     "clip_grad": "grad_clip", "gradient_clip": "grad_clip", "max_grad_norm": "grad_clip", "warmup": "warmup_epochs",
     "num_workers": "workers", "random_seed": "seed", "clean_size": "val_size", "num_clean": "val_size",
     "fp16": "amp", "bf16": "amp", "mixed_precision": "amp", "clean_set": "trusted", "trusted_set": "trusted",
+    "learningrate": "lr", "lr_init": "lr", "initial_lr": "lr", "momentum_sgd": "momentum", "sgd_momentum": "momentum",
+    "weightdecay": "weight_decay", "l2": "weight_decay", "epoch": "epochs", "total_epochs": "epochs",
+    "train_epochs": "epochs", "batch": "batch_size", "bs": "batch_size", "per_device_batch_size": "batch_size",
+    "val_batch": "val_batch_size", "eval_batch": "eval_batch_size", "test_batch_size": "eval_batch_size",
+    "noise_prob": "noise_rate", "noise_fraction": "noise_rate", "corruption_rate": "noise_rate",
+    "corruption_prob": "noise_rate", "r": "noise_rate", "corruption_type": "noise", "noise_model": "noise",
+    "model_name": "model", "architecture": "model", "backbone": "model", "net": "model", "algorithm": "method",
+    "algo": "method", "loss": "method", "data_root": "data_dir", "data_path": "data_dir", "root": "data_dir",
+    "dataroot": "data_dir", "num_clean_samples": "val_size", "clean_samples": "val_size", "meta_size": "val_size",
+    "trusted_size": "val_size", "num_meta": "val_size", "n_clean": "val_size", "warmup_epoch": "warmup_epochs",
+    "warm_up": "warmup_epochs", "warmup_steps": "warmup_epochs", "temp": "temperature", "tau": "temperature",
+    "normalization": "normalize", "normalisation": "normalize", "normalise": "normalize", "weight_norm": "normalize",
+    "gpu": "device", "gpus": "nproc", "world_size": "nproc", "num_gpus": "nproc", "n_gpu": "nproc",
+    "save_every": "checkpoint_every", "save_freq": "checkpoint_every", "ckpt_every": "checkpoint_every",
+    "checkpoint_interval": "checkpoint_every", "checkpoint_freq": "checkpoint_every",
+    "save_dir": "out", "output_path": "out", "log_dir": "out", "logdir": "out", "img_size": "image_size",
+    "input_size": "image_size", "resolution": "image_size", "augmentation": "augment", "data_augmentation": "augment",
+    "seed_value": "seed", "manual_seed": "seed", "clip": "grad_clip", "grad_norm": "grad_clip",
+    "num_train": "subset", "train_size": "subset", "n_train": "subset", "subset_size": "subset",
+    "amp_dtype": "amp", "precision": "amp", "torch_compile": "compile", "channels_last_memory": "channels_last",
+    "syncbn": "sync_bn", "sync_batchnorm": "sync_bn", "beta": "bootstrap_beta", "mixup": "mixup_alpha",
+    "alpha": "mixup_alpha", "meta_learning_rate": "meta_lr", "meta_net_lr": "meta_lr", "vnet_lr": "meta_lr",
+    "hidden": "meta_hidden", "meta_hidden_size": "meta_hidden", "teacher_epochs": "stage1_epochs",
+    "num_workers_data": "workers", "keep_last": "keep_checkpoints", "max_checkpoints": "keep_checkpoints",
+    "nan": "on_nan", "split": "split_file",
 }
+
+
+INTERVAL_UNITS = {"": "epochs", "epoch": "epochs", "epochs": "epochs", "step": "steps", "steps": "steps",
+                  "min": "minutes", "mins": "minutes", "minute": "minutes", "minutes": "minutes"}
+
+
+def parse_interval(text: str, key: str = "checkpoint_every") -> tuple[float, str]:
+    """``"2"`` -> (2, "epochs"), ``"500steps"`` -> (500, "steps"), ``"10min"`` -> (10.0, "minutes").
+
+    Epochs and steps are positive integers; minutes a positive finite number.
+    """
+    raw = str(text).strip().lower().replace(" ", "")
+    number = raw.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = INTERVAL_UNITS.get(raw[len(number):])
+    try:
+        value = float(number) if unit == "minutes" else int(number)
+    except ValueError:
+        value = None
+    if unit is None or value is None or not math.isfinite(value) or value <= 0:
+        raise L2BError(f"{key} must be N (epochs), Nsteps or Nmin with N > 0, e.g. 2, 500steps, 10min; got {text!r}")
+    return value, unit
+
+
+PARSERS = {"interval": parse_interval}
 
 
 def _field_types() -> dict[str, type]:
@@ -196,9 +249,12 @@ def _base_type(hint) -> type:
 
 
 def _coerce(key: str, value, hint):
-    """Check (and gently convert: int -> float) one value against its annotation."""
+    """Check (and gently convert: int -> float; a number -> text for a parsed option) one value against its
+    annotation."""
     optional = type(None) in typing.get_args(hint)
     base = _base_type(hint)
+    if _declared(key).metadata["parse"] and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = f"{value:g}"
     if value is None:
         if optional:
             return None
@@ -212,6 +268,10 @@ def _coerce(key: str, value, hint):
     if not isinstance(value, base):
         raise L2BError(f"config key {key!r} must be a {base.__name__}, got {value!r}")
     return value
+
+
+def _declared(key: str) -> dataclasses.Field:
+    return next(f for f in fields(Config) if f.name == key)
 
 
 def _unknown_key(key: str, known, source: str) -> L2BError:
@@ -301,6 +361,8 @@ def validate(cfg: Config) -> None:
             _check_range(f.name, v, meta)
         if meta["choices"] is not None:
             _check_choice(f.name, v, meta["choices"])
+        if meta["parse"]:
+            PARSERS[meta["parse"]](v, f.name)
     if cfg.dataset.partition(":")[0] not in DATA_FORMATS and cfg.dataset not in DATASETS:
         DATASETS.check(cfg.dataset)
     for key in ("batch_size", "val_batch_size"):

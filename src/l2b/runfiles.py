@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import os
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,7 @@ try:
 except ImportError:
     has_pyarrow = False
 
-__all__ = ["PER_SAMPLE", "per_sample_table", "write_table", "read_table"]
+__all__ = ["PER_SAMPLE", "per_sample_table", "write_table", "read_table", "claim_output"]
 
 
 PER_SAMPLE = "per_sample.csv"
@@ -82,6 +83,22 @@ def per_sample_table(records: dict, given: np.ndarray, indices: np.ndarray, prob
     return table
 
 
+def claim_output(path: str | Path, *, overwrite: bool, flag: str = "--overwrite") -> Path:
+    """An output file a command is about to write: an existing one is refused unless ``overwrite``.
+
+    Checked before any work, so a refused command has written nothing (``l2b predict``, ``eval``,
+    ``labels``, ``report``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise L2BError(f"{path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise L2BError(f"{path} already exists; pass {flag} to replace it (nothing was written)")
+    if not path.parent.is_dir():
+        raise L2BError(f"folder {path.parent} does not exist")
+    return path
+
+
 def write_table(table: dict[str, np.ndarray], path: Path) -> None:
     """CSV with a header; floats with 6 significant digits, NaN as ``nan``. Also parquet when pyarrow is installed."""
     path = Path(path)
@@ -93,11 +110,17 @@ def write_table(table: dict[str, np.ndarray], path: Path) -> None:
             return f"{v:.6g}"
         return str(v.item() if hasattr(v, "item") else v)
 
-    with open(path, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(cols)
-        for i in range(n):
-            w.writerow([fmt(table[c][i]) for c in cols])
+    tmp = path.with_name(f".{path.name}.tmp")  # written whole, then renamed: never a half-written table
+    try:
+        with open(tmp, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(cols)
+            for i in range(n):
+                w.writerow([fmt(table[c][i]) for c in cols])
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise L2BError(f"cannot write {path} ({exc.strerror or exc})") from None
     if has_pyarrow and path.suffix == ".csv":
         import pyarrow as pa
         import pyarrow.parquet as pq

@@ -1,13 +1,17 @@
 """`l2b sweep`: a grid of runs (method x noise rate x seed), one run folder each, resumable.
 
 Cells run one after another in this process through the one trainer. A cell whose folder holds a
-``summary.json`` is finished and skipped; one with a checkpoint is resumed; a failing cell is
-reported (its folder gets an ``error.txt``) and the others continue.
+``summary.json`` is finished and skipped; one with a checkpoint (or, stopped before its first one,
+its config.yaml) is resumed; a failing cell is reported (its folder gets an ``error.txt``) and the
+others continue. SIGINT/SIGTERM stop the sweep: the running cell writes a checkpoint, and
+:class:`l2b.errors.Interrupted` (exit 130/143) ends the sweep; a rerun resumes that cell.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..config import Config, make_config
-from ..errors import L2BError
+from ..errors import Interrupted, L2BError
 from ..methods import list_methods
 from ..train import train
 
@@ -55,32 +59,70 @@ def plan_sweep(base: dict, *, methods: list[str], noise_rates: list[float], seed
     return cells
 
 
+class _StopBetweenCells:
+    """SIGINT/SIGTERM outside a cell's training loop (set-up, data loading) stop the sweep too.
+
+    Inside the loop the trainer's own handlers take over and checkpoint first."""
+
+    def __enter__(self):
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    @staticmethod
+    def _handle(signum, frame):
+        raise Interrupted("sweep stopped by signal between checkpoints; rerun the same command to continue",
+                          130 if signum == signal.SIGINT else 143)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def run_sweep(cells: list[Cell], *, progress: bool = False) -> list[Cell]:
-    """Run the cells in order; never raises for one cell's failure (see each cell's status)."""
-    for i, cell in enumerate(cells, 1):
-        run_dir = Path(cell.cfg.out)
-        log.info("[%d/%d] %s", i, len(cells), cell.name)
-        try:
-            if (run_dir / "summary.json").is_file():
-                _check_same_config(run_dir, cell.cfg)
-                cell.status = "skipped"
-                continue
-            if (run_dir / "checkpoint.pt").is_file():
-                _check_same_config(run_dir, cell.cfg)
-                train(None, resume=run_dir, progress=progress)
-                cell.status = "resumed"
-            elif run_dir.exists():
-                cell.status, cell.detail = "stale", (f"{run_dir} exists without summary.json or checkpoint.pt "
-                                                     "(see its error.txt); delete it to rerun this cell")
-            else:
-                train(cell.cfg, progress=progress)
-                cell.status = "done"
-        except Exception as exc:  # one broken cell must not stop the sweep  # noqa: BLE001
-            cell.status, cell.detail = "failed", f"{type(exc).__name__}: {exc}"
-            log.warning("%s failed: %s", cell.name, cell.detail)
-            if run_dir.is_dir():
-                (run_dir / "error.txt").write_text(traceback.format_exc())
+    """Run the cells in order; never raises for one cell's failure (see each cell's status).
+
+    A signal (SIGINT/SIGTERM) is not a failure: the cell is marked ``stopped`` and
+    :class:`l2b.errors.Interrupted` propagates, ending the sweep (a rerun resumes the cell).
+    """
+    with _StopBetweenCells():
+        for i, cell in enumerate(cells, 1):
+            log.info("[%d/%d] %s", i, len(cells), cell.name)
+            _run_cell(cell, progress)
     return cells
+
+
+def _run_cell(cell: Cell, progress: bool) -> None:
+    run_dir = Path(cell.cfg.out)
+    try:
+        if (run_dir / "summary.json").is_file():
+            _check_same_config(run_dir, cell.cfg)
+            cell.status = "skipped"
+        elif (run_dir / "checkpoint.pt").is_file() or (run_dir / "config.yaml").is_file():
+            _check_same_config(run_dir, cell.cfg)  # interrupted, or killed before its first checkpoint
+            train(None, resume=run_dir, progress=progress)
+            cell.status = "resumed"
+        elif run_dir.exists() and any(p.name != ".lock" for p in run_dir.iterdir()):
+            why = "see its error.txt" if (run_dir / "error.txt").is_file() else "not a run folder of this sweep"
+            cell.status, cell.detail = "stale", (f"{run_dir} exists without summary.json, checkpoint.pt or "
+                                                 f"config.yaml ({why}); delete it to rerun this cell")
+        else:
+            train(cell.cfg, progress=progress)
+            cell.status = "done"
+    except Interrupted:
+        cell.status = "stopped"
+        raise
+    except Exception as exc:  # one broken cell must not stop the sweep  # noqa: BLE001
+        cell.status, cell.detail = "failed", f"{type(exc).__name__}: {exc}"
+        log.warning("%s failed: %s", cell.name, cell.detail)
+        if run_dir.is_dir():
+            try:
+                (run_dir / "error.txt").write_text(traceback.format_exc())
+                cell.detail += f" (traceback in {run_dir / 'error.txt'})"
+            except OSError:
+                pass
 
 
 def _check_same_config(run_dir: Path, cfg: Config) -> None:
@@ -88,7 +130,12 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
     if not path.is_file():
         return
     saved = yaml.safe_load(path.read_text()) or {}
-    differ = sorted(k for k, v in cfg.to_dict().items() if k in saved and saved[k] != v)
+    def same(old, new) -> bool:  # a number saved by an older version for an option now written as text
+        if isinstance(new, str) and isinstance(old, (int, float)) and not isinstance(old, bool):
+            return f"{old:g}" == new
+        return old == new
+
+    differ = sorted(k for k, v in cfg.to_dict().items() if k in saved and not same(saved[k], v))
     if differ:
         raise L2BError(f"{run_dir} was run with other settings ({', '.join(differ)}); "
                        "use another --out or delete the folder")

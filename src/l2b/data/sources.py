@@ -78,6 +78,8 @@ def check_data(data: ImageData, source: str) -> None:
         if x is None or y is None or len(x) != len(y):
             raise L2BError(f"{source}: {split} has {0 if x is None else len(x)} images but "
                            f"{0 if y is None else len(y)} labels")
+        if len(y) == 0:
+            raise L2BError(f"{source}: the {split} split is empty")
         if x.dtype != np.uint8 or x.ndim != 4:
             raise L2BError(f"{source}: {split} images must be uint8 (N, C, H, W), got {x.dtype} {x.shape}")
         if shape is not None and x.shape[1:] != shape:

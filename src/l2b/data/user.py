@@ -5,6 +5,8 @@ and for prediction and evaluation (:func:`read_inputs`).
 from __future__ import annotations
 
 import csv
+import logging
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,11 +17,23 @@ from ..registry import DATA_FORMATS
 from .arrays import ImageData
 from .images import IMAGE_SUFFIXES, decode_images, inside, load_images
 
+log = logging.getLogger(__name__)
+
 __all__ = ["PATH_KINDS", "load_npz", "load_folder", "load_csv", "read_listing", "Arrays", "read_inputs"]
 
 
 def to_nchw(x: np.ndarray, name: str) -> np.ndarray:
-    """Images N x H x W, N x H x W x C or N x C x H x W (uint8, or float in [0, 1] or [0, 255]) -> uint8 NCHW."""
+    """Images N x H x W, N x H x W x C or N x C x H x W -> uint8 (N, C, H, W), by one explicit rule.
+
+    - ``uint8``: kept as they are.
+    - any other integer type: values must lie in [0, 255]; cast exactly (nothing is rescaled or clipped).
+    - ``float``: values must be finite and lie in [0, 1]; scaled by 255 and rounded to the nearest integer.
+    - anything else (bool, complex, strings, objects), integers outside [0, 255], floats outside [0, 1]
+      (e.g. 0-255 floats, or normalised images with negative values) is refused: convert it to uint8
+      yourself, so that no guess about its scale is made here.
+
+    A conversion is logged (one warning naming the array), never silent.
+    """
     if x.ndim == 3:
         x = x[:, None]
     elif x.ndim == 4:
@@ -29,22 +43,38 @@ def to_nchw(x: np.ndarray, name: str) -> np.ndarray:
         raise L2BError(f"{name}: images must be N x H x W, N x H x W x C or N x C x H x W, got shape {x.shape}")
     if x.dtype == np.uint8:
         return np.ascontiguousarray(x)
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise L2BError(f"{name}: images must be uint8 or float, got {x.dtype}")
-    x = x.astype(np.float32)
+    is_int = np.issubdtype(x.dtype, np.integer) and x.dtype != np.bool_
+    if not (is_int or np.issubdtype(x.dtype, np.floating)):
+        raise L2BError(f"{name}: images must be uint8, integers in [0, 255] or floats in [0, 1], got {x.dtype}")
+    if x.size == 0:
+        return np.zeros(x.shape, dtype=np.uint8)
+    if is_int:
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > 255:
+            raise L2BError(f"{name}: {x.dtype} images must lie in [0, 255], found [{lo}, {hi}]; "
+                           "rescale them to uint8 yourself")
+        log.warning("%s: %s images in [0, 255] cast to uint8 exactly", name, x.dtype)
+        return np.ascontiguousarray(x.astype(np.uint8))
     if not np.isfinite(x).all():
         raise L2BError(f"{name}: images contain NaN or infinity")
-    if x.size and x.max() <= 1.0:
-        x = x * 255.0  # float images in [0, 1]
-    return np.ascontiguousarray(np.clip(np.rint(x), 0, 255).astype(np.uint8))
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise L2BError(f"{name}: float images must lie in [0, 1], found [{lo:g}, {hi:g}]; 0-255 floats or "
+                       "normalised images are ambiguous: convert them to uint8 yourself")
+    log.warning("%s: %s images in [0, 1] converted to uint8 as round(255 x)", name, x.dtype)
+    return np.ascontiguousarray(np.rint(x.astype(np.float64) * 255.0).astype(np.uint8))
 
 
 def int_labels(y: np.ndarray, name: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
         raise L2BError(f"{name}: labels must be 1-D, got shape {y.shape}")
-    if not (np.issubdtype(y.dtype, np.integer) or (np.issubdtype(y.dtype, np.floating) and np.all(y == np.round(y)))):
-        raise L2BError(f"{name}: labels must be integers, got {y.dtype}")
+    integral = np.issubdtype(y.dtype, np.integer) and y.dtype != np.bool_
+    if not (integral or (np.issubdtype(y.dtype, np.floating) and np.all(np.isfinite(y)) and np.all(y == np.round(y)))):
+        raise L2BError(f"{name}: labels must be integers (class indices), got {y.dtype}"
+                       + (" with non-integral or non-finite values" if np.issubdtype(y.dtype, np.floating) else ""))
+    if y.size and np.issubdtype(y.dtype, np.unsignedinteger) and int(y.max()) > np.iinfo(np.int64).max:
+        raise L2BError(f"{name}: label {int(y.max())} is out of range")
     y = y.astype(np.int64)
     if y.size and y.min() < 0:
         raise L2BError(f"{name}: negative label {int(y.min())}; labels are class indices 0..K-1")
@@ -58,8 +88,8 @@ def load_npz(path: Path, cfg) -> ImageData:
             arrays = {k: z[k] for k in z.files}
     except FileNotFoundError:
         raise L2BError(f"npz file {path} not found") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise L2BError(f"{path}: not a readable .npz file ({exc})") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zipfile.LargeZipFile, KeyError) as exc:
+        raise L2BError(f"{path}: not a readable .npz file ({_first_line(exc)}); is it truncated or overwritten?") from None
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise L2BError(f"{path}: missing array(s) {', '.join(missing)} (found {', '.join(sorted(arrays)) or 'none'})")
@@ -74,15 +104,36 @@ def load_npz(path: Path, cfg) -> ImageData:
         if len(x) != len(y):
             raise L2BError(f"{path}: x_{s} has {len(x)} images but y_{s} has {len(y)} labels")
         splits[s] = (x, y)
-    k = int(max(y.max() for _, y in splits.values() if y.size)) + 1
+    for s in splits:
+        if len(splits[s][1]) == 0:
+            raise L2BError(f"{path}: x_{s} and y_{s} are empty; every split needs images (drop x_val/y_val to "
+                           "carve the clean set from the training split)")
+    k = int(max(y.max() for _, y in splits.values())) + 1
     if "classes" in arrays:
+        if arrays["classes"].ndim != 1:
+            raise L2BError(f"{path}: 'classes' must be a 1-D array of names, got shape {arrays['classes'].shape}")
         classes = [str(c) for c in arrays["classes"]]
         if len(classes) < k:
             raise L2BError(f"{path}: label {k - 1} is out of range for the {len(classes)} names in 'classes'")
-    else:
+        if len(set(classes)) != len(classes):
+            raise L2BError(f"{path}: 'classes' names a class twice")
+    else:  # the classes are 0..max label: each must have training and test images, or a label is a typo
         classes = [str(c) for c in range(k)]
+        for s in ("train", "test"):
+            absent = np.setdiff1d(np.arange(k), splits[s][1])
+            if absent.size:
+                c = int(absent[0])
+                counts = ", ".join(f"{n} in y_{t}" for t, (_, y) in splits.items() if (n := int((y == c).sum())))
+                raise L2BError(f"{path}: label {c} has no image in y_{s} ({counts or 'none anywhere'}); the labels "
+                               f"0..{k - 1} are taken as the classes, so a stray label makes a class that does not "
+                               "exist: fix it, or name every class in an array 'classes'")
     val = splits.get("val", (None, None))
     return ImageData(f"npz:{path}", classes, *splits["train"], *splits["test"], x_val=val[0], y_val=val[1])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def load_folder(root: Path, cfg) -> ImageData:
@@ -144,6 +195,7 @@ def load_csv(path: Path, cfg) -> ImageData:
             split.append(SPLIT_NAMES[r[2].lower()])
     if split and len(split) != len(rows):
         raise L2BError(f"{path}: give a split on every row or on none")
+    check_listing(files, labels, split, path)
     if all(v.lstrip("-").isdigit() for v in labels):
         y = np.asarray([int(v) for v in labels], dtype=np.int64)
         if y.min() < 0:
@@ -160,6 +212,24 @@ def load_csv(path: Path, cfg) -> ImageData:
     return ImageData(f"csv:{path}", classes, x[part["train"]], y[part["train"]], x[part["test"]], y[part["test"]],
                      x_val=x[part["val"]] if has_val else None, y_val=y[part["val"]] if has_val else None,
                      paths=[str(files[i]) for i in part["train"]])
+
+
+def check_listing(files: list[Path], labels: list[str], split: list[str], path: Path) -> None:
+    """Each image file at most once: a file listed twice (with two labels, or in two splits: train/test
+    leakage, or simply repeated) is refused, naming both rows."""
+    first: dict[Path, int] = {}
+    for i, f in enumerate(files):
+        key = Path(f).resolve()
+        j = first.setdefault(key, i)
+        if j == i:
+            continue
+        if labels[i] != labels[j]:
+            why = f"with two labels ({labels[j]!r} on row {j + 1}, {labels[i]!r} on row {i + 1})"
+        elif split and split[i] != split[j]:
+            why = f"in two splits ({split[j]} on row {j + 1}, {split[i]} on row {i + 1}): that leaks it between them"
+        else:
+            why = f"twice (rows {j + 1} and {i + 1})"
+        raise L2BError(f"{path}: {f} is listed {why}; list every image once")
 
 
 PATH_KINDS = {"npz": load_npz, "folder": load_folder, "csv": load_csv}

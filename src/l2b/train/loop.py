@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from ..config import Config
+from ..config import Config, parse_interval
 from ..data.arrays import ImageData, balanced_order
 from ..data.metaset import select_pseudo_meta
 from ..data.prepare import TrainData
@@ -64,37 +64,67 @@ class _StopSignals:
 
 
 def train(cfg: Config | None, *, resume: str | Path | None = None, progress: bool = True,
-          data: ImageData | None = None, model: nn.Module | None = None) -> dict | None:
+          data: ImageData | None = None, model: nn.Module | None = None, resume_anyway: bool = False) -> dict | None:
     """Train ``cfg.method`` and write the run folder; returns the summary dict (None on ranks > 0).
 
     With ``resume`` (a run folder), continue from its last checkpoint: on CPU the result is
     bit-identical to an uninterrupted run. SIGINT/SIGTERM finish the current step, write a
     checkpoint and raise :class:`Interrupted`. ``data`` replaces ``cfg.dataset`` with an in-memory
     data set (the estimator's arrays); ``model`` replaces ``create_model(cfg.model, ...)`` with a
-    given, freshly initialised module (trained in place).
+    given, freshly initialised module (trained in place). ``resume_anyway`` resumes from a checkpoint whose
+    checksum or data fingerprint does not match (with a warning).
+
+    A checkpoint is written before the first step and then as ``cfg.checkpoint_every`` says (epochs,
+    steps or minutes); only one process at a time may write a run folder.
     """
-    run = start_run(cfg, resume, data, model)
+    with _StopSignals() as signals:  # a signal during set-up stops the run after its first step
+        run = start_run(cfg, resume, data, model, resume_anyway=resume_anyway)
+        try:
+            return _train_loop(run, progress, signals, resume is not None)
+        finally:
+            run.release()
+
+
+def _train_loop(run: Run, progress: bool, signals: _StopSignals, resumed: bool) -> dict | None:
     cfg, st = run.cfg, run.state
     progress = progress and run.dist.is_main  # one progress bar per run
     if progress:
-        tqdm.write(run_plan(cfg, run.td, resumed_at=st.epoch if resume is not None else None))
+        tqdm.write(run_plan(cfg, run.td, resumed_at=st.epoch if resumed else None))
+    every, unit = parse_interval(cfg.checkpoint_every)
+    last_save = time.monotonic()
     run.model.train()
-    with _StopSignals() as signals:
-        while st.epoch < cfg.epochs:
-            t0 = time.perf_counter()
-            policy, order = _begin_epoch(run)
-            bar = tqdm(range(st.batch, run.steps_per_epoch), desc=f"epoch {st.epoch + 1}/{cfg.epochs}",
-                       leave=False, disable=not progress)
-            for b in bar:
-                received = _step(run, policy, order, b, signals.received)
-                if received is not None:
-                    st.epoch_seconds += time.perf_counter() - t0
-                    run.checkpoint(run.out / "checkpoint.pt")
-                    code = 130 if received == signal.SIGINT else 143
-                    raise Interrupted(f"stopped by signal at epoch {st.epoch + 1}, step {st.step}; "
-                                      f"resume with: l2b train --resume {run.out}", code)
-            _end_epoch(run, policy, t0, progress)
+    while st.epoch < cfg.epochs:
+        t0 = time.perf_counter()
+        policy, order = _begin_epoch(run)
+        bar = tqdm(range(st.batch, run.steps_per_epoch), desc=f"epoch {st.epoch + 1}/{cfg.epochs}",
+                   leave=False, disable=not progress)
+        due = False
+        for b in bar:
+            received = _step(run, policy, order, b, signals.received)
+            due = (unit == "steps" and st.step % every == 0) or (
+                unit == "minutes" and _agree_due(run, time.monotonic() - last_save >= 60 * every))
+            if received is not None or (due and st.batch < run.steps_per_epoch):
+                now = time.perf_counter()  # a mid-epoch checkpoint: the epoch's time so far goes with it
+                st.epoch_seconds += now - t0
+                t0 = now
+                run.checkpoint(run.out / "checkpoint.pt")
+                last_save = time.monotonic()
+            if received is not None:
+                code = 130 if received == signal.SIGINT else 143
+                raise Interrupted(f"stopped by signal at epoch {st.epoch + 1}, step {st.step}; "
+                                  f"resume with: l2b train --resume {run.out}", code)
+        if _end_epoch(run, policy, t0, progress, force_checkpoint=unit != "epochs" and due):
+            last_save = time.monotonic()
     return _finish(run) if run.dist.is_main else None
+
+
+def _agree_due(run: Run, due: bool) -> bool:
+    """A time-based checkpoint is a collective under DDP: the ranks follow rank 0's clock."""
+    if run.dist.world_size == 1:
+        return due
+    flag = torch.tensor([float(due)], device=run.device)
+    torch.distributed.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 def _begin_epoch(run: Run) -> tuple[Method, Tensor]:
@@ -160,15 +190,19 @@ def _record_weights(run: Run, idx: Tensor, y: Tensor, result) -> None:
         accumulate_weight_stats(run.state.weight_stats, run.td.flipped[idx].cpu(), alpha.cpu(), beta.cpu())
 
 
-def _end_epoch(run: Run, policy: Method, t0: float, progress: bool) -> None:
-    """Rank 0 evaluates, appends the metrics line, keeps best.pt; every rank joins a due checkpoint."""
+def _end_epoch(run: Run, policy: Method, t0: float, progress: bool, force_checkpoint: bool = False) -> bool:
+    """Rank 0 evaluates, appends the metrics line, keeps best.pt; every rank joins a due checkpoint.
+
+    Returns whether a checkpoint was written."""
     cfg, st, out, epoch = run.cfg, run.state, run.out, run.state.epoch
-    checkpoint_due = (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs
+    every, unit = parse_interval(cfg.checkpoint_every)
+    checkpoint_due = (force_checkpoint or (unit == "epochs" and (epoch + 1) % every == 0)
+                      or epoch + 1 == cfg.epochs)
     if not run.dist.is_main:  # ranks > 0 neither evaluate nor write
         st.next_epoch()
         if checkpoint_due:
             run.checkpoint(out / "checkpoint.pt")
-        return
+        return checkpoint_due
     td = run.td
     val_acc = evaluate(run.model, td.clean, td.y_clean, cfg.eval_batch_size) if len(td.y_clean) else None
     test_due = epoch + 1 == cfg.epochs or (cfg.test_every and (epoch + 1) % cfg.test_every == 0)  # last: always
@@ -187,8 +221,12 @@ def _end_epoch(run: Run, policy: Method, t0: float, progress: bool) -> None:
     st.metrics.append(line)
     st.train_seconds += seconds
     st.next_epoch()
-    with open(out / "metrics.jsonl", "a") as fh:
-        fh.write(json.dumps(line) + "\n")
+    try:
+        with open(out / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+    except OSError as exc:
+        raise L2BError(f"cannot write {out / 'metrics.jsonl'} ({exc.strerror}); the last good checkpoint is "
+                       f"{out / 'checkpoint.pt'}: free space, then l2b train --resume {out}") from None
     if progress:
         tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {line['train_loss']:.4f}  "
                    f"val {_pct(val_acc)}  test {_pct(test_acc)}  {seconds:5.1f}s")
@@ -199,6 +237,7 @@ def _end_epoch(run: Run, policy: Method, t0: float, progress: bool) -> None:
     if checkpoint_due:
         run.checkpoint(out / "checkpoint.pt")
         keep_history(out, epoch + 1, cfg.keep_checkpoints)
+    return checkpoint_due
 
 
 def _finish(run: Run) -> dict:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from datetime import datetime
 from pathlib import Path
@@ -15,28 +14,78 @@ from ..config import Config, save_yaml
 from ..data.arrays import ImageData
 from ..data.prepare import TrainData
 from ..errors import L2BError
+from .checkpoint import write_atomically
 
-__all__ = ["new_run_dir", "write_run_files", "write_metrics", "keep_history", "summarize", "weight_means",
-           "accumulate_weight_stats", "run_plan"]
+__all__ = ["check_out", "new_run_dir", "lock_run_dir", "clear_run_dir", "write_run_files", "write_metrics",
+           "keep_history", "summarize", "weight_means", "accumulate_weight_stats", "run_plan"]
 
 
-def new_run_dir(cfg: Config) -> Path:
-    """The run folder: ``cfg.out`` if given (it must not exist), else runs/<time>-<method>[-k]."""
-    if cfg.out:
-        out = Path(cfg.out)
-        if out.exists():
-            raise L2BError(f"output folder {out} already exists; choose another --out (nothing was overwritten)")
-    else:
+LOCK = ".lock"  # flock'ed by the one process writing the folder
+
+
+def check_out(cfg: Config) -> Path | None:
+    """Before any data is read: ``cfg.out`` must not exist, or be an empty folder; None = a fresh default name."""
+    if not cfg.out:
+        return None
+    out = Path(cfg.out)
+    if out.exists() and not (out.is_dir() and not [p for p in out.iterdir() if p.name != LOCK]):
+        raise L2BError(f"output folder {out} already exists; choose another --out (nothing was overwritten)")
+    return out
+
+
+def new_run_dir(cfg: Config) -> tuple[Path, bool]:
+    """The run folder: ``cfg.out`` if given (absent or empty), else runs/<time>-<method>[-k].
+
+    Returns the folder and whether this call created it (a failed start removes only what it created).
+    """
+    out = check_out(cfg)
+    if out is None:
         stem = Path("runs") / f"{datetime.now():%Y%m%d-%H%M%S}-{cfg.method.replace('+', '-')}"
         out, k = stem, 1
         while out.exists():
             k += 1
             out = stem.with_name(f"{stem.name}-{k}")
+    elif out.is_dir():
+        return out, False
     try:
         out.mkdir(parents=True)
+    except FileExistsError:  # another process made it between the check and now
+        raise L2BError(f"output folder {out} already exists; choose another --out (nothing was overwritten)") from None
     except OSError as exc:
         raise L2BError(f"cannot create output folder {out}: {exc.strerror}") from None
-    return out
+    return out, True
+
+
+def lock_run_dir(out: Path):
+    """Take the run folder's write lock (``fcntl.flock`` on ``out/.lock``) or fail with one line.
+
+    Returns the open lock file: the lock lasts until it is closed (or the process ends, even by kill -9).
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, as before
+        return None
+    try:
+        fh = open(out / LOCK, "a+")
+    except OSError as exc:
+        raise L2BError(f"cannot open the lock file {out / LOCK} ({exc.strerror})") from None
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise L2BError(f"run folder {out} is in use by another l2b process (train or --resume); wait for it to "
+                       "finish or stop it first") from None
+    return fh
+
+
+def clear_run_dir(out: Path, created: bool) -> None:
+    """Undo a failed start: remove the folder this run created, or empty the (empty) one it was given."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for p in out.iterdir():
+        if p.name != LOCK:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
 def write_run_files(out: Path, cfg: Config, td: TrainData, data: ImageData) -> None:
@@ -62,16 +111,18 @@ def save_data_record(out: Path, td: TrainData, data: ImageData) -> None:
 
 
 def write_metrics(out: Path, metrics: list[dict]) -> None:
-    tmp = out / "metrics.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(m) + "\n" for m in metrics))
-    os.replace(tmp, out / "metrics.jsonl")
+    text = "".join(json.dumps(m) + "\n" for m in metrics).encode()
+    write_atomically(out / "metrics.jsonl", lambda fh: fh.write(text))
 
 
 def keep_history(out: Path, epoch: int, keep: int) -> None:
-    """Besides checkpoint.pt (the latest), keep copies of the last ``keep - 1`` epoch checkpoints."""
+    """Besides checkpoint.pt (the latest), keep copies of the last ``keep - 1`` epoch checkpoints.
+
+    Each copy is written atomically (a full disk leaves no torn ``checkpoint-epoch*.pt``)."""
     if keep <= 1:
         return
-    shutil.copyfile(out / "checkpoint.pt", out / f"checkpoint-epoch{epoch:04d}.pt")
+    with open(out / "checkpoint.pt", "rb") as src:
+        write_atomically(out / f"checkpoint-epoch{epoch:04d}.pt", lambda fh: shutil.copyfileobj(src, fh))
     history = sorted(out.glob("checkpoint-epoch*.pt"))
     for old in history[: max(len(history) - (keep - 1), 0)]:
         old.unlink()

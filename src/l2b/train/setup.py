@@ -11,17 +11,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..config import Config, make_config
+from ..config import Config, load_yaml, make_config
 from ..data.arrays import ImageData
 from ..data.prepare import TrainData, prepare_data
 from ..data.sources import load_dataset
 from ..errors import L2BError
 from ..methods.base import Method, PrepareContext, create_method
 from ..models import create_model
-from ..parallel import gather_objects
-from .checkpoint import atomic_save, rng_state, safe_load, set_rng_state
+from ..parallel import gather_objects, is_rank_zero
+from .checkpoint import data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistInfo, convert_sync_bn, setup, wrap
-from .outputs import new_run_dir, write_metrics, write_run_files
+from .outputs import check_out, clear_run_dir, lock_run_dir, new_run_dir, write_metrics, write_run_files
 from .state import CyclingBatches, LoopState, SampleRecords
 from .update import fit_ce
 
@@ -35,6 +35,8 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise L2BError(f"device {name!r} asked for, but CUDA is not available here; use --device cpu")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise L2BError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return torch.device(name)
 
 
@@ -59,6 +61,8 @@ class Run:
     state: LoopState
     steps_per_epoch: int
     batch_size: int  # global; each rank takes batch_size // world_size of it
+    fingerprint: str = ""  # of the training data and its observed labels (l2b.train.checkpoint.data_fingerprint)
+    lock: object = None  # the run folder's lock file (rank 0), held until the run ends
 
     @property
     def layout(self) -> torch.memory_format:
@@ -81,38 +85,110 @@ class Run:
         ranks = gather_objects({"rng": rng_state(), "aug_gen": self.aug_gen.get_state()})
         if not self.dist.is_main:
             return
-        atomic_save({
+        save_checkpoint({
             "config": self.cfg.to_dict(), "position": self.state.to_dict(), "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "order_gen": self.order_gen.get_state(),
             "clean_source": self.clean_source.state_dict(), "records": self.records.state_dict(),
             "rng": rng_state(), "ranks": ranks,
             "method": self.method.state_dict() if hasattr(self.method, "state_dict") else None,
-        }, path)
+        }, path, self.fingerprint)
+
+    def release(self) -> None:
+        """Give up the run folder's lock (the run has ended)."""
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
 
 
-def start_run(cfg: Config | None, resume: str | Path | None, data: ImageData | None, model: nn.Module | None) -> Run:
-    """Set-up: config (or the checkpoint's), process group, run folder, data, model, optimizer, sources."""
+@dataclass
+class _Claim:
+    """What a start has made and locked, undone if the start fails: a failed start leaves nothing behind."""
+
+    out: Path | None = None  # a run folder this start filled (fresh runs only)
+    created: bool = False  # ... and created (else it was an empty folder the user gave)
+    lock: object = None
+
+    def undo(self) -> None:
+        if self.out is not None:
+            clear_run_dir(self.out, self.created)
+        if self.lock is not None:
+            self.lock.close()
+
+
+def start_run(cfg: Config | None, resume: str | Path | None, data: ImageData | None, model: nn.Module | None,
+              *, resume_anyway: bool = False) -> Run:
+    """Set-up: config (or the checkpoint's), process group, data, run folder, model, optimizer, sources,
+    and a first checkpoint before the first step.
+
+    Everything is checked before the run folder is made; if the start fails all the same (a full disk,
+    a signal), the folder it made is removed again. ``resume_anyway`` uses a checkpoint whose checksum
+    or data fingerprint does not match (a warning instead of an error).
+    """
+    claim = _Claim()
+    try:
+        run = _set_up(cfg, resume, data, model, resume_anyway, claim)
+    except BaseException:
+        claim.undo()
+        raise
+    run.lock = claim.lock
+    return run
+
+
+def _resume_point(out: Path, resume_anyway: bool) -> tuple[dict | None, Config]:
+    """The checkpoint of run folder ``out`` and its config; (None, saved config) for a run stopped before
+    its first checkpoint, which then starts again from the beginning."""
+    if not out.is_dir():
+        raise L2BError(f"--resume {out}: no such run folder")
+    if not (out / "checkpoint.pt").exists() and (out / "config.yaml").is_file():
+        log.warning("%s has no checkpoint yet: starting it from the beginning with its config.yaml", out)
+        return None, make_config(load_yaml(out / "config.yaml"), source=str(out / "config.yaml"))
+    saved = load_checkpoint(out / "checkpoint.pt", fingerprint_check=not resume_anyway)
+    return saved, make_config(saved["config"], source=str(out / "checkpoint.pt"))
+
+
+def _fingerprint(td: TrainData) -> str:
+    def images(im):  # the pixels in memory, or the file names when they stream from disk
+        return im.x if hasattr(im, "x") else [str(p) for p in im.files.paths]
+
+    return data_fingerprint([images(td.train), td.y_observed, images(td.clean), td.y_clean])
+
+
+def _set_up(cfg, resume, data, model, resume_anyway: bool, claim: _Claim) -> Run:
     saved = None
     if resume is not None:
         out = Path(resume)
-        saved = safe_load(out / "checkpoint.pt")
-        cfg = make_config(saved["config"], source=str(out / "checkpoint.pt"))
+        if is_rank_zero() and out.is_dir():  # one writer per run folder
+            claim.lock = lock_run_dir(out)
+        saved, cfg = _resume_point(out, resume_anyway)
     method = create_method(cfg.method, **cfg.to_dict())  # each method takes the keys it reads
     dist_info, device = setup(resolve_device(cfg.device))  # a single process unless launched by torchrun
     world = dist_info.world_size
     if cfg.nproc != world:  # launched by torchrun: the run records (and checks batch sizes for) its world size
         cfg = make_config({**cfg.to_dict(), "nproc": world}, source=f"torchrun with {world} processes")
-    if resume is None:
-        # before any data is read: a bad --out fails fast; other ranks get a name they never write to
-        out = new_run_dir(cfg) if dist_info.is_main else Path(f"<rank {dist_info.rank} writes no files>")
+    if resume is None and dist_info.is_main:
+        check_out(cfg)  # before any data is read: a bad --out fails fast
     data = load_dataset(cfg) if data is None else data
     td = prepare_data(cfg, data, device, method.trains_on_clean)
     if method.uses_meta_set and cfg.meta_set != "pseudo" and len(td.y_clean) == 0:
         raise L2BError(f"method {cfg.method!r} needs a trusted (clean) set and {cfg.dataset} brings none: give one "
                        "(--trusted KIND:PATH, or a val split in the data), or pass --meta-set pseudo, or choose a "
                        "method without one (e.g. --method ce)")
-    if resume is None and dist_info.is_main:
+    fingerprint = _fingerprint(td)
+    if saved is not None and saved.get("fingerprint", fingerprint) != fingerprint:
+        msg = (f"{out / 'checkpoint.pt'} was trained on other data or other noisy labels than {cfg.dataset} "
+               "gives now (the data fingerprint differs)")
+        if not resume_anyway:
+            raise L2BError(msg + "; restore the data, or pass --resume-anyway to continue on the new data knowingly")
+        log.warning("%s; continuing (--resume-anyway)", msg)
+    if resume is None:  # everything is checked: now the folder (other ranks get a name they never write to)
+        if dist_info.is_main:
+            out, claim.created = new_run_dir(cfg)
+            claim.out, claim.lock = out, lock_run_dir(out)
+        else:
+            out = Path(f"<rank {dist_info.rank} writes no files>")
+    if saved is None and dist_info.is_main:
         write_run_files(out, cfg, td, data)
+        write_metrics(out, [])
 
     torch.manual_seed(cfg.seed)
     if model is None:
@@ -134,7 +210,7 @@ def start_run(cfg: Config | None, resume: str | Path | None, data: ImageData | N
         clean_source=CyclingBatches(len(td.y_clean), cfg.val_batch_size, torch.Generator().manual_seed(cfg.seed + 2)),
         records=SampleRecords(n_train, device), state=LoopState(),
         # the last partial batch is dropped (BatchNorm needs > 1); or a fixed number of class-balanced batches
-        steps_per_epoch=cfg.balanced_batches or n_train // batch_size, batch_size=batch_size)
+        steps_per_epoch=cfg.balanced_batches or n_train // batch_size, batch_size=batch_size, fingerprint=fingerprint)
     if hasattr(method, "prepare"):  # a method's own stage (teacher, GLC stage 1) or meta network
         t0 = time.perf_counter()
         new_model = lambda: create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels).to(device)  # noqa: E731
@@ -142,7 +218,12 @@ def start_run(cfg: Config | None, resume: str | Path | None, data: ImageData | N
         method.prepare(PrepareContext(cfg, td, device, new_model, fit, saved.get("method") if saved else None))
         log.info("%s: preparation took %.1fs", cfg.method, time.perf_counter() - t0)
     if saved is not None:
-        restore(run, saved)
+        try:
+            restore(run, saved)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise L2BError(f"{out / 'checkpoint.pt'}: malformed checkpoint, it does not fit this run "
+                           f"({type(exc).__name__}: {first[:200]})") from None
     # the real forward goes through torch.compile and DDP; the meta passes use the plain module
     run.train_model = wrap(torch.compile(model) if cfg.compile else model, dist_info, device)
     if world > 1:
@@ -156,6 +237,8 @@ def start_run(cfg: Config | None, resume: str | Path | None, data: ImageData | N
                            f"resume it with --nproc {len(ranks)}")
         set_rng_state(ranks[dist_info.rank]["rng"])  # each rank's own dropout and augmentation streams
         run.aug_gen.set_state(ranks[dist_info.rank]["aug_gen"])
+    if saved is None:  # so that a run killed at any moment, even in its first epoch, resumes
+        run.checkpoint(out / "checkpoint.pt")
     return run
 
 
@@ -168,6 +251,10 @@ def restore(run: Run, saved: dict) -> None:
     run.records.load_state_dict({k: v.to(run.device) for k, v in saved["records"].items()})
     set_rng_state(saved["rng"])
     run.state = LoopState.from_dict(saved["position"])
+    st = run.state
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (st.epoch, st.step, st.batch)) \
+            or st.batch > run.steps_per_epoch or not isinstance(st.metrics, list) or len(st.metrics) != st.epoch:
+        raise ValueError(f"position epoch={st.epoch!r}, step={st.step!r}, batch={st.batch!r} is not a point of this run")
     if run.state.meta_idx is not None:  # the cycling source walks the pseudo meta set
         run.state.meta_idx = run.state.meta_idx.to(run.device)
         run.clean_source = CyclingBatches(len(run.state.meta_idx), run.cfg.val_batch_size, torch.Generator())
