@@ -259,8 +259,9 @@ def load_label_file(path: str | Path, num_train: int, classes: list[str]) -> np.
     try:
         if suffix == ".npy":
             arr = np.load(path, allow_pickle=False)
-            if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer)
-                                     or (np.issubdtype(arr.dtype, np.floating) and np.all(arr == np.round(arr)))):
+            if arr.ndim != 1 or arr.dtype == np.bool_ or not (
+                    np.issubdtype(arr.dtype, np.integer)
+                    or (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)))):
                 raise L2BError(f"{path}: expected a 1-D array of integer labels, got {arr.dtype} {arr.shape}")
             labels = arr.astype(np.int64)
         elif suffix in (".txt", ".csv"):
@@ -279,8 +280,8 @@ def load_label_file(path: str | Path, num_train: int, classes: list[str]) -> np.
                     raise L2BError(f"{path}: line {i + 1}: {v!r} is neither a class index nor a class name")
         else:
             raise L2BError(f"{path}: noisy labels must be a .npy, .csv or .txt file")
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise L2BError(f"{path}: cannot read noisy labels ({exc})") from None
+    except (OSError, ValueError, UnicodeDecodeError, EOFError) as exc:
+        raise L2BError(f"{path}: cannot read noisy labels ({str(exc) or type(exc).__name__})") from None
     if len(labels) != num_train:
         raise L2BError(f"{path}: {len(labels)} noisy labels, but the training set has {num_train} images; "
                        "give one label per training image, in the data set's order")
