@@ -98,3 +98,9 @@ def test_method_anchors_follow_moved_code_and_report_edited_code(tmp_path):
 def test_options_md_is_generated_from_the_config_declarations():
     done = run_tool("options_doc.py", "--check")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_errors_md_lists_every_error_the_code_raises():
+    # docs/ERRORS.md's list is generated from every `raise L2BError(...)`: a new or changed message fails here
+    done = run_tool("errors_doc.py", "--check")
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -418,6 +418,8 @@ def save_yaml(cfg: Config, path: Path) -> None:
 def describe(f: dataclasses.Field) -> str:
     """The valid values of an option, in words: its choices or its range."""
     meta = f.metadata
+    if meta["parse"] == "interval":
+        return "N (epochs), Nsteps or Nmin; N > 0"
     if meta["choices"] is not None:
         names = meta["choices"].names() if isinstance(meta["choices"], Registry) else list(meta["choices"])
         if f.name == "dataset":

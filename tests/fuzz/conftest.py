@@ -7,7 +7,8 @@ after), never a half-written output (a failed ``train`` leaves no run folder; no
 
 The ledger counts the cases: tried, clean errors, correct runs, tracebacks, silent wrong results
 (exit 0 where the input is defective, or a wrong result), wrong refusals (exit 2 on a valid input),
-inputs changed, and leftovers (a half-written output). It is written to
+inputs changed, and leftovers (a half-written output). With ``L2B_FUZZ_COUNT_ONLY=1`` a broken case is
+counted but does not fail the test (to measure another version). The counts are written to
 ``.pytest_cache/l2b-fuzz-counts.json`` at the end of the session and printed (``pytest -s``).
 """
 
@@ -17,6 +18,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -91,6 +93,8 @@ class Ledger:
             problems.append(kind)
         if problems:
             self.examples.setdefault(label or " ".join(argv[:2]), []).append(f"{problems}: {stderr[-400:]}")
+        if os.environ.get("L2B_FUZZ_COUNT_ONLY"):  # to measure another version of l2b: count, don't stop
+            return code
         assert not problems, f"{label}: exit {code}, {problems}\nstderr: {stderr[-2000:]}"
         return code
 

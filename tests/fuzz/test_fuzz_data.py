@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 pytestmark = pytest.mark.xdist_group("fuzz")  # one worker: one ledger
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=30, deadline=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 NPZ_DEFECTS = ("none", "none", "none", "stray_train_label", "stray_train_label_named", "stray_test_label",
@@ -41,14 +41,14 @@ def _images(rng, n, dtype_kind, layout):
 
 
 @st.composite
-def npz_cases(draw):
+def npz_cases(draw, defect=None):
     k = draw(st.integers(2, 4))
     per = draw(st.integers(3, 5))
     rng = np.random.default_rng(draw(st.integers(0, 2**16)))
     layout = draw(st.sampled_from(["NHW", "NHWC", "NCHW"]))
     kind = draw(st.sampled_from(["uint8", "float01", "int_in_range"]))
     give_val = draw(st.booleans())
-    defect = draw(st.sampled_from(NPZ_DEFECTS))
+    defect = defect or draw(st.sampled_from(NPZ_DEFECTS))
     y_train, y_test, y_val = np.repeat(np.arange(k), per), np.repeat(np.arange(k), 2), np.repeat(np.arange(k), 2)
     arrays = {"x_train": _images(rng, len(y_train), kind, layout), "y_train": y_train,
               "x_test": _images(rng, len(y_test), kind, layout), "y_test": y_test}
@@ -145,6 +145,17 @@ def _data_check_oracle(k: int, n_train: int, n_val_given: int, val_size: int, n_
 @FUZZ
 @given(npz_cases())
 def test_npz_data_sets(ledger, case):
+    _check_npz(ledger, case)
+
+
+@pytest.mark.parametrize("defect", sorted(set(NPZ_DEFECTS)))
+@settings(FUZZ, max_examples=2)
+@given(data=st.data())
+def test_every_npz_defect(ledger, defect, data):  # each class at least twice, whatever the draws above hit
+    _check_npz(ledger, data.draw(npz_cases(defect=defect)))
+
+
+def _check_npz(ledger, case):
     arrays, defect, k, n_train, has_val = case
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "data.npz"
@@ -171,6 +182,15 @@ def _png(path: Path, value: int) -> None:
 @FUZZ
 @given(k=st.integers(2, 3), per=st.integers(3, 4), named=st.booleans(), defect=st.sampled_from(CSV_DEFECTS))
 def test_csv_listings(ledger, k, per, named, defect):
+    _check_csv(ledger, k, per, named, defect)
+
+
+@pytest.mark.parametrize("defect", sorted(set(CSV_DEFECTS)))
+def test_every_csv_defect(ledger, defect):
+    _check_csv(ledger, 2, 3, True, defect)
+
+
+def _check_csv(ledger, k, per, named, defect):
     pytest.importorskip("PIL")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -171,6 +171,8 @@ def read_listing(path: Path, expected: str) -> list[list[str]]:
             rows = [[c.strip() for c in r] for r in csv.reader(fh) if r and any(c.strip() for c in r)]
     except OSError as exc:
         raise L2BError(f"cannot read {path}: {exc.strerror}") from None
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise L2BError(f"{path}: not a readable CSV text file ({_first_line(exc)})") from None
     if rows and rows[0][0].lower() in ("path", "file", "filename", "image"):
         rows = rows[1:]
     if not rows:
