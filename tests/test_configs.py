@@ -26,3 +26,26 @@ def test_config_file_is_valid(path):
         assert (cfg.noise, cfg.noise_rate) == (noise, rate)
     if path.stem.startswith("isic2019"):
         assert (cfg.model, cfg.normalize, cfg.temperature) == ("resnet50", "softmax", 10.0)
+
+
+def test_alias_table_points_at_real_keys_and_beats_edit_distance():
+    import dataclasses
+
+    from l2b import L2BError
+    from l2b.config import ALIASES, Config
+
+    keys = {f.name for f in dataclasses.fields(Config)}
+    assert set(ALIASES.values()) <= keys and not set(ALIASES) & keys
+    for wrong, right in (("learning_rate", "lr"), ("num_epochs", "epochs"), ("noise_ratio", "noise_rate"),
+                         ("save_every", "checkpoint_every"), ("arch", "model")):
+        with pytest.raises(L2BError, match=f"unknown key '{wrong}' \\(did you mean '{right}'\\?\\)"):
+            make_config({wrong: 1})
+
+
+@pytest.mark.parametrize("text, value", [("2", (2, "epochs")), ("500steps", (500, "steps")),
+                                         ("10min", (10.0, "minutes")), ("1 epoch", (1, "epochs")), (3, (3, "epochs"))])
+def test_checkpoint_every_in_epochs_steps_or_minutes(text, value):
+    from l2b.config import parse_interval
+
+    cfg = make_config({"checkpoint_every": text})
+    assert parse_interval(cfg.checkpoint_every) == value

@@ -281,3 +281,19 @@ def test_checkpoint_records_format_checksum_and_fingerprint(small):
     assert saved["format_version"] == 2 and len(saved["fingerprint"]) == 64
     assert saved["checksum"] == digest({k: v for k, v in saved.items() if k != "checksum"})
     assert json.loads((ref / "summary.json").read_text())["epochs"] == 2
+
+
+def test_a_stale_sweep_cell_names_no_missing_error_txt(ledger, tmp_path, small):
+    _, args = small
+    out = tmp_path / "sweep"
+    (out / "l2b-sym-r0.4-s1").mkdir(parents=True)
+    (out / "l2b-sym-r0.4-s1" / "notes.txt").write_text("mine")  # not a run folder of this sweep
+    from l2b.cli import main
+    import contextlib
+    import io
+
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert main(["sweep", "--out", str(out), "--seeds", "1", *args]) == 1
+    assert "stale" in text.getvalue() and "error.txt" not in text.getvalue()
+    assert (out / "l2b-sym-r0.4-s1" / "notes.txt").read_text() == "mine"
