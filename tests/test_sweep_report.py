@@ -68,7 +68,8 @@ def test_sweep_is_resumable_and_report_matches_the_summaries(fmnist_cut_test, tm
     calls = []
     real_train = sweep_app.train
     monkeypatch.setattr(sweep_app, "train", lambda cfg, **kw: calls.append(cfg) or real_train(cfg, **kw))
-    (tmp_path / "a" / "mixup-sym-r0.4-s1").mkdir()  # a stale folder: neither summary nor checkpoint
+    (tmp_path / "a" / "mixup-sym-r0.4-s1").mkdir()  # a stale folder: no summary, checkpoint or config
+    (tmp_path / "a" / "mixup-sym-r0.4-s1" / "notes.txt").write_text("not a run")  # (an empty one would be used)
     capsys.readouterr()
     assert main([*sweep, "--methods", "ce,mixup,l2b", "--out", str(tmp_path / "a")]) == 1
     printed = capsys.readouterr().out

@@ -105,7 +105,21 @@ _LEDGER = Ledger()
 @pytest.fixture(scope="session")
 def ledger(request):
     yield _LEDGER
-    path = Path(str(request.config.rootpath)) / ".pytest_cache" / "l2b-fuzz-counts.json"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(json.dumps({"counts": dict(_LEDGER.counts), "problems": _LEDGER.examples}, indent=1))
-    print(f"\nl2b fuzz ledger ({path}): " + ", ".join(f"{k} {v}" for k, v in _LEDGER.counts.items()))
+    # each xdist worker writes its own counts; every worker then sums those of this test run
+    run_id = getattr(request.config, "workerinput", {}).get("testrunuid", "single")
+    worker = getattr(request.config, "workerinput", {}).get("workerid", "main")
+    folder = Path(str(request.config.rootpath)) / ".pytest_cache" / "l2b-fuzz"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.json"):
+        if not old.name.startswith(run_id):
+            old.unlink(missing_ok=True)
+    (folder / f"{run_id}-{worker}.json").write_text(json.dumps({"counts": dict(_LEDGER.counts),
+                                                                "problems": _LEDGER.examples}))
+    total, problems = Counter(), {}
+    for part in folder.glob(f"{run_id}-*.json"):
+        data = json.loads(part.read_text())
+        total.update(data["counts"])
+        problems.update(data["problems"])
+    path = folder.parent / "l2b-fuzz-counts.json"
+    path.write_text(json.dumps({"counts": {k: total[k] for k in KINDS}, "problems": problems}, indent=1))
+    print(f"\nl2b fuzz ledger ({path}): " + ", ".join(f"{k} {total[k]}" for k in KINDS))

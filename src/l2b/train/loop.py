@@ -29,7 +29,7 @@ from ..methods.reweight import CrossEntropy
 from ..models import predict_probs
 from ..parallel import agree_on_step, all_gather_columns
 from ..runfiles import per_sample_table, write_table
-from .checkpoint import atomic_save, safe_load
+from .checkpoint import atomic_save, safe_load, write_atomically
 from .outputs import accumulate_weight_stats, keep_history, run_plan, summarize, weight_means
 from .setup import Run, start_run
 from .state import CyclingBatches
@@ -248,7 +248,8 @@ def _finish(run: Run) -> dict:
     write_table(per_sample_table(run.records.state_dict(), td.y_observed.cpu().numpy(), td.indices, probs,
                                  td.y_true, td.paths), out / "per_sample.csv")
     summary = summarize(cfg, run.state.metrics, td.noise_info, run.state.train_seconds, _best_val_test(run))
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    text = json.dumps(summary, indent=1).encode()  # written last and whole: a sweep counts the cell as done by it
+    write_atomically(out / "summary.json", lambda fh: fh.write(text))
     summary["run_dir"] = str(out)
     return summary
 
