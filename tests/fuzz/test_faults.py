@@ -253,14 +253,14 @@ def test_outputs_are_never_clobbered(ledger, tmp_path, small):
     np.savez(tmp_path / "new.npz", x=rng.integers(0, 256, (5, 28, 28), dtype=np.uint8), y=np.arange(5))
     target = tmp_path / "mine.csv"
     target.write_text("precious\n")
-    base = ["--checkpoint", str(run), "--data", f"npz:{tmp_path / 'new.npz'}", "--out", str(target)]
-    ledger.check(["predict", *base], inputs=[target], expect="error", label="predict over a file")
-    ledger.check(["predict", *base, "--overwrite"], expect="ok", label="predict --overwrite",
-                 oracle=lambda _: None if target.read_text().count("\n") == 6 else "wrong row count")
-    png = tmp_path / "cm.png"
-    png.with_suffix(".json").write_text("{}")
-    ledger.check(["eval", *base[:-1], str(png)], inputs=[png.with_suffix(".json")], expect="error",
-                 label="eval over a file")
+    base = ["--checkpoint", str(run), "--data", f"npz:{tmp_path / 'new.npz'}"]
+    ledger.check(["predict", *base, "--out", str(target)], inputs=[target], expect="error", label="predict over a file")
+    for name in ("predictions.csv", "predictions-2.csv"):  # the default name is numbered, never reused
+        ledger.check(["predict", *base], expect="ok", label="predict twice",
+                     oracle=lambda _, n=name: None if (run / n).read_text().count("\n") == 6 else f"no {n}")
+    mine = tmp_path / "eval.json"
+    mine.write_text("{}")
+    ledger.check(["eval", *base, "--out", str(mine)], inputs=[mine], expect="error", label="eval over a file")
     (run / "label_issues.csv").write_text("precious\n")
     ledger.check(["labels", str(run)], inputs=[run / "label_issues.csv"], expect="error", label="labels twice")
     ledger.check(["report", str(run), "--no-plots"], expect="ok", label="report",
