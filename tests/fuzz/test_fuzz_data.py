@@ -162,7 +162,7 @@ def _check_npz(ledger, case):
         _write_npz(path, arrays, defect)
         val_size = 0 if has_val else k
         ledger.check(["data", "check", "--dataset", f"npz:{path}", "--subset", "0", "--val-size", str(val_size),
-                      "--noise-rate", "0.2", "--json"], inputs=[path], expect="ok" if defect == "none" else "error",
+                      "--noise", "sym", "--noise-rate", "0.2", "--json"], inputs=[path], expect="ok" if defect == "none" else "error",
                      oracle=_data_check_oracle(k, n_train, 2 * k if has_val else 0, val_size), label=f"npz {defect}")
 
 
@@ -236,7 +236,7 @@ def _check_csv(ledger, k, per, named, defect):
             listing.write_bytes(b"\x89PNG\x00\xff\xfe" * 20)
         else:
             listing.write_text(text)
-        ledger.check(["data", "check", "--dataset", f"csv:{listing}", "--subset", "0", "--noise-rate", "0.2",
+        ledger.check(["data", "check", "--dataset", f"csv:{listing}", "--subset", "0", "--noise", "sym", "--noise-rate", "0.2",
                       "--json"], inputs=[root], expect="ok" if defect == "none" else "error",
                      oracle=_data_check_oracle(k, per * k, 2 * k, 0), label=f"csv {defect}")
 
@@ -322,7 +322,7 @@ def test_image_folders(ledger, tmp_path, defect):
         shutil.rmtree(tmp_path / "test")
     elif defect == "empty_val_class":
         (tmp_path / "val" / "c1" / "0.png").unlink()
-    ledger.check(["data", "check", "--dataset", f"folder:{tmp_path}", "--subset", "0", "--noise-rate", "0.2",
+    ledger.check(["data", "check", "--dataset", f"folder:{tmp_path}", "--subset", "0", "--noise", "sym", "--noise-rate", "0.2",
                   "--json"], inputs=[tmp_path], expect="ok" if defect == "none" else "error",
                  oracle=_data_check_oracle(k, 3 * k, k, 0, n_test=k), label=f"folder {defect}")
 
@@ -370,7 +370,7 @@ def test_yaml_configs(ledger, tiny_npz_dir, case):
         elif kind == "binary":
             path.write_bytes(b"\xff\xfe\x00lr\x00")
         else:
-            path.write_text(yaml.safe_dump(values))
+            path.write_text(yaml.safe_dump({"noise": "sym", "noise_rate": 0.4, **values}))  # your own data: no noise unless asked
 
         def oracle(stdout):  # the config's values reached the data pipeline
             r = json.loads(stdout)
