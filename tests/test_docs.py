@@ -98,3 +98,10 @@ def test_method_anchors_follow_moved_code_and_report_edited_code(tmp_path):
 def test_options_md_is_generated_from_the_config_declarations():
     done = run_tool("options_doc.py", "--check")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_labels_study_json_and_tables_match_the_committed_run_folders():
+    # docs/results/labels/labels.json and the labels blocks of the docs are generated from docs/results/labels/runs
+    done = run_tool("labels_tables.py", "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "match the run folders" in done.stdout
