@@ -2,6 +2,7 @@
 
 import csv
 import json
+import re
 import sys
 
 from pathlib import Path
@@ -96,20 +97,27 @@ def test_run_folder_records_every_training_sample(run):
     assert norm["input_shape"] == [1, 8, 8] and len(norm["mean"]) == 1
 
 
+def _written(out: str) -> tuple[Path, Path]:
+    """The table and JSON that `l2b labels` says it wrote."""
+    table, name = re.search(r"written to (\S+) and (\S+)$", out.splitlines()[0]).groups()
+    return Path(table), Path(table).with_name(name)
+
+
 def test_labels_cli_sorted_ranged_and_flipped_score_lower(run, capsys):
     assert cli.main(["labels", str(run)]) == 0
     out = capsys.readouterr().out
     assert "AUROC" in out and "F1" in out
-    with open(run / "label_issues.csv") as fh:
+    table_path, json_path = _written(out)
+    with open(table_path) as fh:
         header = next(csv.reader(fh))
     assert header[:8] == ["index", "given_label", "suggested_label", "label_quality", "is_label_issue",
                           "alpha_mean", "beta_mean", "disagreement_rate"]
     assert "given_name" in header
-    issues = read_table(run / "label_issues.csv")
+    issues = read_table(table_path)
     q = issues["label_quality"]
     assert len(q) == 180 and np.all(np.diff(q) >= 0)
     assert np.all((q >= 0) & (q <= 1))
-    report = json.loads((run / "label_issues.json").read_text())
+    report = json.loads(json_path.read_text())
     # the trusted set's estimate decides how many: the lowest-quality ones, that many
     n_flag = int(issues["is_label_issue"].sum())
     assert n_flag == round(report["estimated_wrong"]) and issues["is_label_issue"][:n_flag].all()
@@ -130,8 +138,9 @@ def test_labels_cli_sorted_ranged_and_flipped_score_lower(run, capsys):
 
 def test_labels_threshold_flag_replaces_the_estimated_count(run, capsys):
     assert cli.main(["labels", str(run), "--threshold", "0.3"]) == 0
-    assert "label_quality < 0.3" in capsys.readouterr().out
-    issues = read_table(run / "label_issues.csv")
+    out = capsys.readouterr().out
+    assert "label_quality < 0.3" in out
+    issues = read_table(_written(out)[0])
     assert np.array_equal(issues["is_label_issue"], issues["label_quality"] < 0.3)
     assert cli.main(["labels", str(run), "--threshold", "1.5"]) == 2
     assert "--threshold must be in [0, 1]" in capsys.readouterr().err
@@ -255,6 +264,18 @@ def test_weak_model_warns_in_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_second_call_numbers_its_outputs_and_keeps_the_first(tmp_path, capsys):
+    _fake_run(tmp_path / "run")
+    assert cli.main(["labels", str(tmp_path / "run")]) == 0
+    first = _written(capsys.readouterr().out)
+    assert first == (tmp_path / "run" / "label_issues.csv", tmp_path / "run" / "label_issues.json")
+    first[0].write_text("my review notes\n")  # someone has been working through the table
+    assert cli.main(["labels", str(tmp_path / "run"), "--threshold", "0.2"]) == 0
+    second = _written(capsys.readouterr().out)
+    assert second == (tmp_path / "run" / "label_issues-2.csv", tmp_path / "run" / "label_issues-2.json")
+    assert first[0].read_text() == "my review notes\n" and second[0].is_file() and second[1].is_file()
+
+
 def test_without_trusted_set_the_threshold_decides_and_says_so(tmp_path, capsys):
     _fake_run(tmp_path / "run")
     (tmp_path / "run" / "val_probs.npy").unlink()
@@ -281,7 +302,7 @@ def test_compare_cleanlab_cross_validates_both_models(run, capsys):
                      "--cv-folds", "3", "--cv-epochs", "2", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "cleanlab, 3-fold logreg" in out and "cleanlab, 3-fold small-cnn CE" in out
-    rows = json.loads((run / "label_issues.json").read_text())["rows"]
+    rows = json.loads(_written(out)[1].read_text())["rows"]
     assert [r["name"] for r in rows] == ["l2b", "cleanlab, 3-fold logreg", "cleanlab, 3-fold small-cnn CE"]
     for r in rows:
         assert r["flipped"] == rows[0]["flipped"] and 0 <= r["f1"] <= 1 and 0 <= r["auroc"] <= 1 and r["seconds"] > 0

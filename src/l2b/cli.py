@@ -291,7 +291,7 @@ def _labels(args) -> int:
                                   cv_epochs=args.cv_epochs)
     n = len(report.issues["index"])
     print(f"l2b labels: {report.rows[0]['flagged']} of {n} labels flagged in this {report.method} run ({report.rule}); "
-          f"written to {Path(args.run_dir) / 'label_issues.csv'}")
+          f"written to {report.files[0]} and {report.files[1].name}")
     if report.warning:
         print(f"l2b: warning: {report.warning}", file=sys.stderr)
     width = max(len(r["name"]) for r in report.rows)

@@ -38,8 +38,7 @@ __all__ = ["auroc", "label_quality", "estimate_noise", "NoiseEstimate", "find_la
            "accuracy_warning", "cross_validated_probs", "cleanlab_issues", "label_issues_for_run", "LabelReport",
            "posterior_right", "DEFAULT_THRESHOLD"]
 
-ISSUES = "label_issues.csv"
-ISSUES_JSON = "label_issues.json"
+ISSUES = "label_issues"  # .csv (the ranked table) and .json (counts, rule, evaluation)
 VAL_PROBS, VAL_LABELS = "val_probs.npy", "val_labels.npy"  # the final model on the trusted set (the trainer's _finish)
 DEFAULT_THRESHOLD = 0.5  # flag label_quality below this where no trusted set gives a count
 LOW_ACCURACY = 0.5  # accuracy_warning: fraction of the way from chance to a perfect model
@@ -588,6 +587,12 @@ class LabelReport:
     truth_known : bool
         Whether the run injected wrong labels whose true ones it knows; otherwise there is nothing
         to score against and the rows hold counts only.
+    evidence_auroc : dict or None
+        With the truth: the AUROC of each piece of evidence of ``per_sample.csv`` on its own
+        (``prob_given``, ``agreement``, ``alpha_share``).
+    files : tuple of Path
+        The table and the JSON summary written (``label_issues.csv``, ``label_issues.json``, numbered
+        where a previous pair exists).
     """
 
     issues: dict
@@ -597,11 +602,14 @@ class LabelReport:
     warning: str | None
     rows: list[dict]
     truth_known: bool
+    evidence_auroc: dict | None = None
+    files: tuple[Path, Path] = ()
 
 
 def label_issues_for_run(run_dir: str | Path, *, threshold: float | None = None, compare: tuple[str, ...] = (),
                          folds: int = 5, cv_epochs: int | None = None, device: str | None = None) -> LabelReport:
-    """Rank and flag a run's training labels; write ``label_issues.csv`` and ``label_issues.json``.
+    """Rank and flag a run's training labels; write ``label_issues.csv`` and ``label_issues.json`` (numbered
+    where they exist).
 
     Parameters
     ----------
@@ -625,7 +633,11 @@ def label_issues_for_run(run_dir: str | Path, *, threshold: float | None = None,
         for name in compare:
             check_choice("--cv-model", name, CV_MODELS)
     table = read_table(run / PER_SAMPLE)
-    cfg = make_config(load_yaml(run / "config.yaml"), source=str(run / "config.yaml"))
+    summary = _read_json(run / "summary.json")
+    # the run's method names its row; a folder holding only the per-sample records says what it can
+    cfg = make_config(load_yaml(run / "config.yaml"), source=str(run / "config.yaml")) \
+        if (run / "config.yaml").is_file() or compare else None
+    method = cfg.method if cfg is not None else summary.get("method", "this run")
     classes = json.loads((run / "classes.json").read_text()) if (run / "classes.json").is_file() else None
     estimate = noise_for_run(run, table)
     probs = np.load(run / "train_probs.npy") if (run / "train_probs.npy").is_file() else None
@@ -645,18 +657,28 @@ def label_issues_for_run(run_dir: str | Path, *, threshold: float | None = None,
     # without injected noise (noise none) the "true" labels are the given ones: nothing to score against
     truth = flipped is not None and bool(flipped.any())
     flipped = flipped if truth else None
-    summary = _read_json(run / "summary.json")
-    row = {"name": cfg.method, "flagged": int(issues["is_label_issue"].sum()),
+    row = {"name": method, "flagged": int(issues["is_label_issue"].sum()),
            "seconds": summary.get("train_seconds")}
     if truth:
         row.update(evaluate_issues(issues["is_label_issue"], 1.0 - issues["label_quality"], flipped[order]))
     rows = [row]
     if compare:
         rows += _cleanlab_rows(run, cfg, table, compare, folds, cv_epochs, device, flipped)
-    report = LabelReport(issues, cfg.method, rule, estimate, warning, rows, truth)
-    write_table(issues, run / ISSUES)
-    _write_report_json(report, run / ISSUES_JSON, table, order)
+    evidence = {k: auroc(-np.nan_to_num(v, nan=0.5), flipped) for k, v in _evidence(table).items()} if truth else None
+    report = LabelReport(issues, method, rule, estimate, warning, rows, truth, evidence, _new_outputs(run))
+    write_table(issues, report.files[0])
+    _write_report_json(report, report.files[1])
     return report
+
+
+def _new_outputs(run: Path) -> tuple[Path, Path]:
+    """``label_issues.csv`` and ``.json`` in the run folder, numbered (``label_issues-2.csv``, ...) where
+    either exists: a table someone has been working through is never overwritten."""
+    k, stem = 1, ISSUES
+    while (run / f"{stem}.csv").exists() or (run / f"{stem}.json").exists():
+        k += 1
+        stem = f"{ISSUES}-{k}"
+    return run / f"{stem}.csv", run / f"{stem}.json"
 
 
 def _cleanlab_rows(run: Path, cfg, table: dict, compare: tuple[str, ...], folds: int, cv_epochs: int | None,
@@ -706,7 +728,7 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _write_report_json(report: LabelReport, path: Path, table: dict, order: np.ndarray) -> None:
+def _write_report_json(report: LabelReport, path: Path) -> None:
     est = report.estimate
     out = {
         "method": report.method,
@@ -719,7 +741,6 @@ def _write_report_json(report: LabelReport, path: Path, table: dict, order: np.n
         "warning": report.warning,
         "rows": report.rows,
     }
-    if report.truth_known:
-        flipped = table["given_label"] != table["true_label"]
-        out["auroc_by_evidence"] = {k: auroc(-np.nan_to_num(v, nan=0.5), flipped) for k, v in _evidence(table).items()}
+    if report.evidence_auroc is not None:
+        out["auroc_by_evidence"] = report.evidence_auroc
     path.write_text(json.dumps(out, indent=1))
