@@ -642,33 +642,47 @@ def label_issues_for_run(run_dir: str | Path, *, threshold: float | None = None,
     estimate = noise_for_run(run, table)
     probs = np.load(run / "train_probs.npy") if (run / "train_probs.npy").is_file() else None
     issues = find_label_issues(table, estimate=estimate, probs=probs, threshold=threshold, classes=classes)
-    if threshold is not None:
-        rule = f"label_quality < {threshold}"
-    elif estimate is not None:
-        rule = (f"the {int(round(estimate.num_wrong))} of lowest label_quality: the number of wrong labels the "
-                f"trusted set estimates, {100 * estimate.rate:.1f}%, {estimate.structure} noise")
-    else:
-        rule = (f"label_quality < {DEFAULT_THRESHOLD}: the run folder has no {VAL_PROBS} (no trusted set), "
-                "so the number of wrong labels cannot be estimated")
     warning = accuracy_warning(estimate.clean_accuracy, estimate.transition.shape[0]) if estimate else None
     # the same ranking find_label_issues sorted by: issues[...] = table[...][order]
     order = np.argsort(label_quality(table, probs=probs, estimate=estimate), kind="stable")
-    flipped = (table["given_label"] != table["true_label"]) if "true_label" in table else None
-    # without injected noise (noise none) the "true" labels are the given ones: nothing to score against
-    truth = flipped is not None and bool(flipped.any())
-    flipped = flipped if truth else None
+    flipped = _flipped(table)
     row = {"name": method, "flagged": int(issues["is_label_issue"].sum()),
            "seconds": summary.get("train_seconds")}
+    truth = flipped is not None
     if truth:
         row.update(evaluate_issues(issues["is_label_issue"], 1.0 - issues["label_quality"], flipped[order]))
     rows = [row]
     if compare:
         rows += _cleanlab_rows(run, cfg, table, compare, folds, cv_epochs, device, flipped)
     evidence = {k: auroc(-np.nan_to_num(v, nan=0.5), flipped) for k, v in _evidence(table).items()} if truth else None
-    report = LabelReport(issues, method, rule, estimate, warning, rows, truth, evidence, _new_outputs(run))
+    report = LabelReport(issues, method, _rule(threshold, estimate), estimate, warning, rows, truth, evidence,
+                         _new_outputs(run))
     write_table(issues, report.files[0])
     _write_report_json(report, report.files[1])
     return report
+
+
+def _rule(threshold: float | None, estimate: NoiseEstimate | None) -> str:
+    """How the number flagged was chosen, in words."""
+    if threshold is not None:
+        return f"label_quality < {threshold}"
+    if estimate is not None:
+        return (f"the {int(round(estimate.num_wrong))} of lowest label_quality: the number of wrong labels the "
+                f"trusted set estimates, {100 * estimate.rate:.1f}%, {estimate.structure} noise")
+    return (f"label_quality < {DEFAULT_THRESHOLD}: the run folder has no {VAL_PROBS} (no trusted set), "
+            "so the number of wrong labels cannot be estimated")
+
+
+def _flipped(table: dict) -> np.ndarray | None:
+    """(N,) bool: the given label differs from the true one; None where there is nothing to score against.
+
+    Without injected noise (``noise none``) the "true" labels are the given ones, and a user's own
+    data has none: no evaluation at all rather than a table of zeros.
+    """
+    if "true_label" not in table:
+        return None
+    flipped = table["given_label"] != table["true_label"]
+    return flipped if flipped.any() else None
 
 
 def _new_outputs(run: Path) -> tuple[Path, Path]:
