@@ -104,3 +104,10 @@ def test_errors_md_lists_every_error_the_code_raises():
     # docs/ERRORS.md's list is generated from every `raise L2BError(...)`: a new or changed message fails here
     done = run_tool("errors_doc.py", "--check")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_labels_study_json_and_tables_match_the_committed_run_folders():
+    # docs/results/labels/labels.json and the labels blocks of the docs are generated from docs/results/labels/runs
+    done = run_tool("labels_tables.py", "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "match the run folders" in done.stdout

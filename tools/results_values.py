@@ -291,13 +291,15 @@ def config(key: str, *, file: str = "configs/fashion-mnist-sym40.yaml", fmt: str
 
 def labels(run: str, key: str, *, fmt: str = ".3f") -> str:
     """What ``l2b labels`` reports for a committed run folder (its ``per_sample.csv.gz``) against the truly
-    flipped labels: ``auroc``, ``precision``, ``recall``, ``num_samples``, or one piece of evidence's own
-    AUROC, ``auroc:NAME`` (``label_issues_eval.json``'s ``auroc_by_evidence``)."""
+    flipped labels: ``auroc``, ``precision``, ``recall``, ``f1``, ``flagged``, ``num_samples``, or one piece of
+    evidence's own AUROC, ``auroc:NAME`` (``label_issues.json``'s ``auroc_by_evidence``)."""
     with tempfile.TemporaryDirectory() as tmp:  # l2b labels writes its tables next to the records, not here
         with gzip.open(RESULTS / run / "per_sample.csv.gz") as src, open(Path(tmp) / "per_sample.csv", "wb") as dst:
             shutil.copyfileobj(src, dst)
-        result = label_issues_for_run(tmp)[1]
-    return format(result["auroc_by_evidence"][key[6:]] if key.startswith("auroc:") else result[key], fmt)
+        report = label_issues_for_run(tmp)
+    if key.startswith("auroc:"):
+        return format(report.evidence_auroc[key[6:]], fmt)
+    return format(len(report.issues["index"]) if key == "num_samples" else report.rows[0][key], fmt)
 
 
 def bench(file: str, method: str | None = None, *, field: str = "seconds", ratio_to: str | None = None,

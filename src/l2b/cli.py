@@ -92,11 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
     labels = sub.add_parser("labels", help="rank a run's training labels by quality: RUN_DIR/label_issues.csv")
     labels.add_argument("run_dir", metavar="RUN_DIR")
-    labels.add_argument("--threshold", type=float, default=0.5,
-                        help="flag a label when its label_quality is below this (default 0.5)")
+    labels.add_argument("--threshold", type=float, default=None,
+                        help="flag label_quality below this instead of the number of wrong labels the trusted "
+                             "set estimates (without a trusted set the default is 0.5)")
     labels.add_argument("--compare-cleanlab", action="store_true",
-                        help="also score cleanlab's find_label_issues on the same model (needs cleanlab)")
-    labels.add_argument("--overwrite", action="store_true", help="replace an existing RUN_DIR/label_issues.csv")
+                        help="also run cleanlab's find_label_issues on the same images and labels, with "
+                             "out-of-sample probabilities by cross-validation (needs l2b[cleanlab])")
+    labels.add_argument("--cv-model", nargs="+", default=["logreg"], metavar="MODEL",
+                        help="models of the cross-validation: logreg (logistic regression on the pixels) and/or "
+                             "model (the run's own architecture, plain CE) (default logreg)")
+    labels.add_argument("--cv-folds", type=int, default=5, help="folds of the cross-validation (default 5)")
+    labels.add_argument("--cv-epochs", type=int, default=None, help="epochs per fold of --cv-model model "
+                                                                   "(default: the run's epochs)")
+    labels.add_argument("--device", default=None, help="device of --cv-model model (default: the run's)")
 
     for name, text in (("predict", "class probabilities of a trained run on new data: predictions.csv"),
                        ("eval", "accuracy, per-class precision/recall/F1 and confusion matrix of a trained run on "
@@ -283,26 +291,35 @@ def _data(args) -> int:
 
 
 def _labels(args) -> int:
-    from .apps.labels import cleanlab_scores, label_issues_for_run
+    from .apps.labels import label_issues_for_run
 
-    claim_output(Path(args.run_dir) / "label_issues.csv", overwrite=args.overwrite)
-    cleanlab = cleanlab_scores(args.run_dir) if args.compare_cleanlab else None  # fails early when missing
-    issues, result = label_issues_for_run(args.run_dir, threshold=args.threshold)
-    n = len(issues["index"])
-    print(f"l2b labels: {int(issues['is_label_issue'].sum())} of {n} labels flagged "
-          f"(label_quality < {args.threshold}); written to {args.run_dir}/label_issues.csv")
-    if result is not None:
-        rows = [("l2b", result)] + ([("cleanlab", cleanlab)] if cleanlab else [])
-        print(f"  against the truly flipped labels ({result['num_flipped']} of {n}):")
-        print(f"  {'':10s} {'flagged':>8s} {'precision':>10s} {'recall':>8s} {'AUROC':>7s}")
-        for name, r in rows:
-            print(f"  {name:10s} {r['num_flagged']:8d} {_num(r['precision']):>10s} {_num(r['recall']):>8s} "
-                  f"{_num(r['auroc']):>7s}")
+    if args.cv_epochs is not None and args.cv_epochs < 1:
+        raise L2BError(f"--cv-epochs must be at least 1, got {args.cv_epochs}")
+    report = label_issues_for_run(args.run_dir, threshold=args.threshold, device=args.device, folds=args.cv_folds,
+                                  compare=tuple(args.cv_model) if args.compare_cleanlab else (),
+                                  cv_epochs=args.cv_epochs)
+    n = len(report.issues["index"])
+    print(f"l2b labels: {report.rows[0]['flagged']} of {n} labels flagged in this {report.method} run ({report.rule}); "
+          f"written to {report.files[0]} and {report.files[1].name}")
+    if report.warning:
+        print(f"l2b: warning: {report.warning}", file=sys.stderr)
+    width = max(len(r["name"]) for r in report.rows)
+    if not report.truth_known:  # nothing to score against: counts only
+        if len(report.rows) > 1:
+            print(f"  {'':{width}s} {'flagged':>8s} {'seconds':>8s}")
+            for r in report.rows:
+                print(f"  {r['name']:{width}s} {r['flagged']:8d} {_num(r['seconds'], 1):>8s}")
+        return 0
+    print(f"  against the truly wrong labels ({report.rows[0]['flipped']} of {n}):")
+    print(f"  {'':{width}s} {'flagged':>8s} {'precision':>10s} {'recall':>7s} {'F1':>6s} {'AUROC':>6s} {'seconds':>8s}")
+    for r in report.rows:
+        print(f"  {r['name']:{width}s} {r['flagged']:8d} {_num(r['precision']):>10s} {_num(r['recall']):>7s} "
+              f"{_num(r['f1']):>6s} {_num(r['auroc']):>6s} {_num(r['seconds'], 1):>8s}")
     return 0
 
 
-def _num(v) -> str:
-    return "n/a" if v is None or v != v else f"{v:.3f}"
+def _num(v, digits: int = 3) -> str:
+    return "n/a" if v is None or v != v else f"{v:.{digits}f}"
 
 
 def _predict(args, evaluate: bool) -> int:

@@ -241,10 +241,13 @@ def _end_epoch(run: Run, policy: Method, t0: float, progress: bool, force_checkp
 
 
 def _finish(run: Run) -> dict:
-    """Rank 0: the final model's training-set probabilities, per_sample.csv and summary.json."""
+    """Rank 0: the final model's probabilities of the training and trusted sets, per_sample.csv, summary.json."""
     cfg, td, out = run.cfg, run.td, run.out
     probs = predict_probs(run.model, td.train, cfg.eval_batch_size).cpu().numpy()  # (N, K), final model
     np.save(out / "train_probs.npy", probs)
+    if len(td.y_clean):  # the final model on the trusted set: `l2b labels` estimates the noise with it
+        np.save(out / "val_probs.npy", predict_probs(run.model, td.clean, cfg.eval_batch_size).cpu().numpy())
+        np.save(out / "val_labels.npy", td.y_clean.cpu().numpy())
     write_table(per_sample_table(run.records.state_dict(), td.y_observed.cpu().numpy(), td.indices, probs,
                                  td.y_true, td.paths), out / "per_sample.csv")
     summary = summarize(cfg, run.state.metrics, td.noise_info, run.state.train_seconds, _best_val_test(run))
