@@ -98,3 +98,10 @@ def test_method_anchors_follow_moved_code_and_report_edited_code(tmp_path):
 def test_options_md_is_generated_from_the_config_declarations():
     done = run_tool("options_doc.py", "--check")
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_benchmark_blocks_match_the_committed_benchmark_json():
+    # README.md's and docs/SCALING.md's benchmark figures are generated from benchmarks/*.json
+    done = run_tool("bench_blocks.py", "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every benchmark block matches" in done.stdout
