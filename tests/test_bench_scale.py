@@ -33,3 +33,25 @@ def test_bench_weights_compares_with_exact_float32():
     r = bench_weights(batch_size=16, val_batch_size=8, image_shape=(1, 8, 8), train_steps=2)
     fd = r["results"]["fd_fp32"]
     assert 0.9 < fd["pearson_raw"] <= 1.0 + 1e-9 and 0 <= fd["relative_l1_weights"] < 0.5
+
+
+def test_bench_stream_reports_rates_and_wait_shares_per_worker_count():
+    from l2b.apps.bench import bench_stream, format_stream_table
+
+    r = bench_stream(image_sizes=(16,), num_images=12, workers=(0, 1), batch_size=4, val_batch_size=2, repeats=1)
+    s = r["sizes"]["16"]
+    assert set(s["images_per_second"]) == {"0", "1"} and all(v > 0 for v in s["images_per_second"].values())
+    assert all(0 < v < 1 for v in s["wait_share"].values())  # a step both waits and computes
+    assert s["workers_to_keep_up"] >= 1 and s["step_compute_seconds"] > 0
+    assert "workers to keep up with this step" in format_stream_table(r)
+    with pytest.raises(L2BError, match="--num-images"):
+        bench_stream(image_sizes=(16,), num_images=4, batch_size=4, val_batch_size=2)
+
+
+def test_bench_ddp_refuses_one_rank_and_indivisible_batches():
+    from l2b.apps.bench import bench_ddp
+
+    with pytest.raises(L2BError, match="--nproc must be >= 2"):
+        bench_ddp(nproc=1)
+    with pytest.raises(L2BError, match="divisible by --nproc"):
+        bench_ddp(nproc=2, batch_size=7)

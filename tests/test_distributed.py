@@ -139,23 +139,55 @@ def test_cli_nproc_2_writes_one_run_folder(tmp_path, monkeypatch):
     assert len((runs[0] / "metrics.jsonl").read_text().splitlines()) == 1  # one writer, one line per epoch
 
 
-def _l2b(*args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def _env(*paths):
+    # one thread per rank, as torchrun sets it for several ranks on one machine (and the launchers below
+    # each start one): CPU kernels then sum in the same order in every run compared here
     src = str(Path(l2b.__file__).parents[1])  # the launched ranks import this checkout
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "l2b", *args], capture_output=True, text=True, env=env, timeout=300)
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+                PYTHONPATH=os.pathsep.join([*map(str, paths), src, os.environ.get("PYTHONPATH", "")]))
+
+
+def _l2b(*args, paths=()):
+    return subprocess.run([sys.executable, "-m", "l2b", *args], capture_output=True, text=True, env=_env(*paths),
+                          timeout=300)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _metrics(run):
+    """metrics.jsonl without the wall-clock seconds (which no two runs share)."""
+    import json
+
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _same_model(a, b):
+    ref, got = safe_load(a / "checkpoint.pt")["model"], safe_load(b / "checkpoint.pt")["model"]
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k  # bit-identical, not merely close
 
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory, tiny_fmnist):
     """An uninterrupted 2-rank run with augmentation (per-rank random streams) and a checkpoint per epoch."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    done = _l2b("train", "--out", str(out), "--data-dir", str(tiny_fmnist), "--subset", "300", "--val-size", "100",
-                "--batch-size", "32", "--val-batch-size", "20", "--epochs", "3", "--warmup-epochs", "1",
-                "--eval-batch-size", "300", "--augment", "--keep-checkpoints", "4", "--nproc", "2",
-                "--device", "cpu", "--quiet")
+    done = _l2b("train", "--out", str(out), *_ddp_args(tiny_fmnist), "--nproc", "2")
     assert done.returncode == 0, done.stderr
     return out
+
+
+def _ddp_args(data_dir):
+    return ["--data-dir", str(data_dir), "--subset", "300", "--val-size", "100", "--batch-size", "32",
+            "--val-batch-size", "20", "--epochs", "3", "--warmup-epochs", "1", "--eval-batch-size", "300", "--augment",
+            "--keep-checkpoints", "4", "--device", "cpu", "--quiet"]
 
 
 def test_ddp_per_sample_records_cover_every_rank(ddp_run):
@@ -182,39 +214,105 @@ def test_ddp_resume_from_an_epoch_checkpoint_is_bit_identical(ddp_run, tmp_path)
     assert len(got["ranks"]) == 2
 
 
-def test_ddp_checkpoint_resumed_by_another_world_size_is_refused(ddp_run, tmp_path):
+def test_ddp_checkpoint_resumed_by_another_world_size_is_refused(ddp_run, tmp_path, capsys):
     from l2b.cli import main
 
     run = tmp_path / "run"
     shutil.copytree(ddp_run, run)
     (run / "config.yaml").write_text((run / "config.yaml").read_text().replace("nproc: 2", "nproc: 1"))
+    before = (run / "checkpoint.pt").read_bytes()
     assert main(["train", "--resume", str(run), "--quiet"]) == 2  # one process, two ranks' states: one clear line
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("l2b: error: the checkpoint was written by 2 process(es), this run has 1") and "\n" not in err
+    assert "--nproc 2" in err
+    assert (run / "checkpoint.pt").read_bytes() == before  # nothing overwritten
 
 
-def test_ddp_sigint_stops_every_rank_at_one_step_and_resumes_bit_identically(ddp_run, tiny_fmnist, tmp_path):
+def test_sync_bn_off_the_gpu_is_one_line_before_any_process_group(monkeypatch, tmp_path):
+    monkeypatch.setenv("RANK", "0")  # as torchrun sets it
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    cfg = l2b.make_config({"sync_bn": True, "device": "cpu", "out": str(tmp_path / "run")})
+    with pytest.raises(l2b.L2BError, match="--sync-bn needs CUDA devices") as info:
+        l2b.train(cfg)
+    assert "\n" not in str(info.value) and not dist.is_initialized() and not (tmp_path / "run").exists()
+
+
+def test_ddp_sigterm_mid_epoch_with_augment_resumes_bit_identically(ddp_run, tiny_fmnist, tmp_path):
     import signal
     import time
 
     run = tmp_path / "run"
-    config = (ddp_run / "config.yaml").read_text()
-    env = dict(os.environ, PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(Path(l2b.__file__).parents[1]) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    args = ["--data-dir", str(tiny_fmnist), "--subset", "300", "--val-size", "100", "--batch-size", "32",
-            "--val-batch-size", "20", "--epochs", "3", "--warmup-epochs", "1", "--eval-batch-size", "300",
-            "--augment", "--keep-checkpoints", "4", "--nproc", "2", "--device", "cpu", "--quiet"]
-    assert "augment: true" in config  # the same run as the fixture's
-    proc = subprocess.Popen([sys.executable, "-m", "l2b", "train", "--out", str(run), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    assert "augment: true" in (ddp_run / "config.yaml").read_text()  # per-rank augmentation streams
+    proc = subprocess.Popen([sys.executable, "-m", "l2b", "train", "--out", str(run), *_ddp_args(tiny_fmnist),
+                             "--nproc", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     t0 = time.time()
-    while not (run / "checkpoint.pt").exists():  # after epoch 1: two epochs are left to interrupt
+    while not (run / "checkpoint.pt").exists():  # after epoch 1: the signal lands in epoch 2's steps
         assert proc.poll() is None and time.time() - t0 < 240, proc.communicate()
         time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)  # to the launcher, as Ctrl-C in a terminal does
+    proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler's kill does
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 143, err
     assert err.count("resume with: l2b train --resume") == 1 and "Traceback" not in err, err
+    stopped = safe_load(run / "checkpoint.pt")["position"]
+    assert stopped["epoch"] == 1 and 0 < stopped["batch"] < 300 // 32, stopped  # mid-epoch, not at a boundary
     done = _l2b("train", "--resume", str(run), "--quiet")
     assert done.returncode == 0, done.stderr
-    ref, got = safe_load(ddp_run / "checkpoint.pt")["model"], safe_load(run / "checkpoint.pt")["model"]
-    for k in ref:
-        assert torch.equal(ref[k], got[k]), k
+    _same_model(ddp_run, run)
+    assert (run / "per_sample.csv").read_text() == (ddp_run / "per_sample.csv").read_text()
+    assert _metrics(run) == _metrics(ddp_run)
+
+
+def test_two_torchrun_nodes_on_localhost_equal_the_one_machine_run(ddp_run, tiny_fmnist, tmp_path):
+    """Two launchers, one rank each, as on two machines (static rendezvous at node 0's address)."""
+    port = _free_port()
+    outs = [tmp_path / "node0", tmp_path / "node1"]
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+                               "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "--max-restarts", "0", "-m", "l2b", "train", "--out", str(outs[node]),
+                               *_ddp_args(tiny_fmnist)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+             for node in (0, 1)]
+    try:
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], errs
+    assert not outs[1].exists()  # only global rank 0 (node 0) writes
+    assert "nproc: 2" in (outs[0] / "config.yaml").read_text()  # the world size, as --resume needs it
+    assert (outs[0] / "per_sample.csv").read_text() == (ddp_run / "per_sample.csv").read_text()
+    assert _metrics(outs[0]) == _metrics(ddp_run)
+    _same_model(ddp_run, outs[0])
+
+
+NO_BN_MODEL = """
+import l2b
+from torch import nn
+
+
+@l2b.register_model("no-bn")
+def no_bn(num_classes, in_channels=1, **_):
+    # without BatchNorm no sample's output depends on the others of its shard
+    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * 28 * 28, 32), nn.Tanh(), nn.Linear(32, num_classes))
+"""
+
+
+def test_per_sample_records_of_two_ranks_equal_one_process(tiny_fmnist, tmp_path):
+    (tmp_path / "no_bn_model.py").write_text(NO_BN_MODEL)
+    args = ["--data-dir", str(tiny_fmnist), "--subset", "300", "--val-size", "100", "--batch-size", "32",
+            "--val-batch-size", "20", "--epochs", "2", "--warmup-epochs", "0", "--eval-batch-size", "300",
+            "--model", "no-bn", "--device", "cpu", "--quiet"]
+    for name, nproc in (("one", "1"), ("two", "2")):
+        done = _l2b("--plugin", "no_bn_model", "train", "--out", str(tmp_path / name), *args, "--nproc", nproc,
+                    paths=[tmp_path])
+        assert done.returncode == 0, done.stderr
+    one = np.genfromtxt(tmp_path / "one" / "per_sample.csv", delimiter=",", names=True)
+    two = np.genfromtxt(tmp_path / "two" / "per_sample.csv", delimiter=",", names=True)
+    steps = 300 // 32  # --subset: training images
+    assert one["meta_steps"].sum() == 2 * steps * 32  # every full global batch of both epochs
+    for col in ("index", "given_label", "meta_steps", "last_pseudo"):
+        assert np.array_equal(one[col], two[col]), col
+    # the same computation summed in another order (the clean gradient over two shards): float32 rounding
+    for col in ("alpha_mean", "beta_mean", "disagreement_rate", "last_prob"):
+        assert np.allclose(one[col], two[col], rtol=1e-4, atol=1e-7, equal_nan=True), (col, np.nanmax(abs(one[col] - two[col])))
+    assert np.nanmax(one["alpha_mean"]) > 0  # not a comparison of zeros

@@ -111,3 +111,10 @@ def test_labels_study_json_and_tables_match_the_committed_run_folders():
     done = run_tool("labels_tables.py", "--check")
     assert done.returncode == 0, done.stdout + done.stderr
     assert "match the run folders" in done.stdout
+
+
+def test_benchmark_blocks_match_the_committed_benchmark_json():
+    # README.md's and docs/SCALING.md's benchmark figures are generated from benchmarks/*.json
+    done = run_tool("bench_blocks.py", "--check")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "every benchmark block matches" in done.stdout

@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "RESULTS.md"
 DOCS = (RESULTS, ROOT / "README.md")  # the files whose marked tables are generated
 METHOD = ROOT / "docs" / "METHOD.md"  # its results are generated values too (equation numbers are not results)
+SCALING = ROOT / "docs" / "SCALING.md"  # no tables of runs; its figures are bench blocks (tools/bench_blocks.py)
 RUNS = ROOT / "docs" / "results" / "runs"
 ACC = {"last": "last", "best-val": "best-val", "max-test": "max-test"}
 
@@ -483,6 +484,7 @@ PENDING = {
     "METHOD.md": ["Where l2b follows the published code", "Noise: the published code's models"],
 }
 MARKED = re.compile(r"<!-- (table|value):([^>]*?) -->(.*?)<!-- /\1 -->", re.S)
+BENCH_BLOCK = r"<!-- bench:[\w-]+ -->.*?<!-- /bench -->"  # generated from benchmarks/*.json (tools/bench_blocks.py)
 
 
 # in docs/METHOD.md only results count (its equations, settings and the published code's values do not):
@@ -498,7 +500,7 @@ def stray_numbers(text: str, results_only: bool = False) -> list[tuple[int, str,
         return re.sub(r"[^\n]", " ", match.group(0))
 
     headings = text.splitlines()
-    for pattern in (MARKED.pattern, r"```.*?```", r"`[^`\n]*`", r"\]\([^)]*\)", r"<!--.*?-->", *ALLOWED):
+    for pattern in (MARKED.pattern, BENCH_BLOCK, r"```.*?```", r"`[^`\n]*`", r"\]\([^)]*\)", r"<!--.*?-->", *ALLOWED):
         text = re.sub(pattern, blank, text, flags=re.S)
     found, section = [], ""
     for number, (line, original) in enumerate(zip(text.splitlines(), headings), 1):
@@ -529,7 +531,7 @@ def main(argv=None) -> int:
         return f"<!-- {kind}:{name} -->{new}<!-- /{kind} -->"
 
     updated, strays = {}, []
-    for path in (*DOCS, METHOD):
+    for path in (*DOCS, METHOD, SCALING):
         updated[path] = MARKED.sub(replace, path.read_text())
         pending = PENDING.get(path.name, ())
         found = stray_numbers(updated[path], results_only=path == METHOD)

@@ -155,13 +155,32 @@ def build_parser() -> argparse.ArgumentParser:
                                             help="random crop + flip on the device, as --augment in training")
     bench_sub.choices["epoch"].add_argument("--repeats", type=int, default=1,
                                             help="epochs per method, run round-robin; the median is reported")
-    data_bench = bench_sub.add_parser("data", help="cost of feeding a Fashion-MNIST epoch vs a plain CE epoch")
+    ddp = bench_sub.add_parser("ddp", help="fused vs unfused L2B step under DDP: gloo ranks on this CPU, paired ratio")
+    ddp.add_argument("--model", default="small-cnn", choices=list_models())
+    ddp.add_argument("--nproc", type=int, default=2, help="ranks (one thread each; at most the cores)")
+    ddp.add_argument("--batch-size", type=int, default=128, help="global training batch")
+    ddp.add_argument("--val-batch-size", type=int, default=100, help="global clean batch")
+    ddp.add_argument("--image-shape", default="1,28,28", help="C,H,W of the random inputs")
+    ddp.add_argument("--steps", type=int, default=20, help="timed step pairs (median)")
+    ddp.add_argument("--compile", action="store_true",
+                     help="also try the fused forward through torch.compile (reports 'ok' or the error)")
+    ddp.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    data_bench = bench_sub.add_parser("data", help="cost of feeding a Fashion-MNIST epoch vs a plain CE epoch; "
+                                                   "--stream: decoding image files per worker")
     data_bench.add_argument("--data-dir", default=None)
     data_bench.add_argument("--subset", type=int, default=3000, help="images per epoch")
-    data_bench.add_argument("--batch-size", type=int, default=128)
+    data_bench.add_argument("--batch-size", type=int, default=None, help="default 128; 64 with --stream")
+    data_bench.add_argument("--stream", action="store_true",
+                            help="image files as --stream reads them: generated JPEGs, decode rate per worker and "
+                                 "the share of an L2B step spent waiting for data")
+    data_bench.add_argument("--image-sizes", default="64,224", help="--stream: comma-separated JPEG sizes")
+    data_bench.add_argument("--workers", default="0,1,2", help="--stream: comma-separated worker counts")
+    data_bench.add_argument("--num-images", type=int, default=512, help="--stream: generated JPEGs per size")
+    data_bench.add_argument("--val-batch-size", type=int, default=32, help="--stream: clean batch per step")
     data_bench.add_argument("--model", default="small-cnn", choices=list_models())
     data_bench.add_argument("--device", default="cpu")
-    data_bench.add_argument("--repeats", type=int, default=3, help="timed epochs per kind (median reported)")
+    data_bench.add_argument("--repeats", type=int, default=3,
+                            help="timed epochs per kind (median reported); with --stream, passes over the files")
     data_bench.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     data = sub.add_parser("data", help="inspect a data set")
@@ -386,19 +405,32 @@ def _pct(v) -> str:
 def _bench(args) -> int:
     from .apps import bench
 
+    if args.bench_command == "data" and args.stream:
+        result = bench.bench_stream(image_sizes=_split(args.image_sizes, int, "--image-sizes"),
+                                    num_images=args.num_images, workers=_split(args.workers, int, "--workers"),
+                                    batch_size=args.batch_size or 64, val_batch_size=args.val_batch_size,
+                                    model=args.model, repeats=args.repeats)
+        print(json.dumps(result, indent=1) if args.json else bench.format_stream_table(result))
+        return 0
     if args.bench_command == "data":
-        result = bench.bench_data(data_dir=args.data_dir, subset=args.subset, batch_size=args.batch_size,
+        result = bench.bench_data(data_dir=args.data_dir, subset=args.subset, batch_size=args.batch_size or 128,
                                   model=args.model, device=args.device, repeats=args.repeats)
         print(json.dumps(result, indent=1) if args.json else bench.format_data_table(result))
         return 0
-    if args.bench_command not in ("step", "epoch", "weights"):
-        raise L2BError("choose a benchmark: l2b bench step | epoch | weights | data")
+    if args.bench_command not in ("step", "epoch", "weights", "ddp"):
+        raise L2BError("choose a benchmark: l2b bench step | epoch | weights | data | ddp")
 
     try:
         shape = tuple(int(v) for v in args.image_shape.split(","))
         assert len(shape) == 3
     except (ValueError, AssertionError):
         raise L2BError(f"--image-shape must be C,H,W, got {args.image_shape!r}") from None
+    if args.bench_command == "ddp":
+        result = bench.bench_ddp(model=args.model, nproc=args.nproc, batch_size=args.batch_size,
+                                 val_batch_size=args.val_batch_size, image_shape=shape, steps=args.steps,
+                                 check_compile=args.compile)
+        print(json.dumps(result, indent=1) if args.json else bench.format_ddp_table(result))
+        return 0
     common = dict(model=args.model, batch_size=args.batch_size, val_batch_size=args.val_batch_size,
                   image_shape=shape, device=args.device, amp=args.amp)
     if args.bench_command == "step":

@@ -200,7 +200,7 @@ def weighted_forward(model, x, y, x_val, y_val, *, optimizer=None, mode="l2b", n
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     with meta_mode(model):
         direction = clean_direction(model, x_val, y_val, params, optimizer, reduce_direction)
-    logits, tangent = dual_forward(wrapper or model, x, params, direction)
+    logits, tangent = dual_forward(model if wrapper is None else wrapper, x, params, direction)
     raw, pseudo = loss_tangents(logits.detach(), tangent, y)
     alpha, beta = normalize_weights(raw[0], raw[1], mode=mode, normalize=normalize, temperature=temperature,
                                     all_reduce=all_reduce)

@@ -1,4 +1,4 @@
-"""`l2b bench step` and `l2b bench epoch`.
+"""`l2b bench step | epoch | weights | data | ddp`.
 
 ``step``: per-step cost of plain CE, the exact L2B step, the finite-difference L2B step and the
 double-backward reference. The steps run interleaved in one process on the same model and batches,
@@ -9,12 +9,20 @@ any registered method by name: l2rw, mlc, mwnet, ...) over random data of a give
 device as uint8, as the trainer holds its data, plus the cost of making the batches alone (the data
 pipeline).
 
+``data``: the cost of feeding a Fashion-MNIST epoch against a CE epoch; with ``--stream``, image files
+decoded per batch by the streaming reader: images/s per worker and the share of a step spent waiting.
+
+``ddp``: the fused against the unfused L2B step under DistributedDataParallel, gloo ranks on the CPU,
+as a paired ratio; with ``--compile``, whether the fused forward runs through torch.compile.
+
 Every timed step is the method's own ``step`` (the trainer's code) followed by the trainer's update
 (backward, clipping at 5, SGD); only the reference is assembled here.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import statistics
 import time
 from types import SimpleNamespace
@@ -358,3 +366,222 @@ def format_data_table(result: dict) -> str:
         f"{'epoch':<28}{'s':>10}{'% of CE':>10}",
         *(f"{k:<28}{v:>10.3f}{100 * v / result['seconds']['ce_epoch']:>10.1f}" for k, v in result["seconds"].items()),
     ])
+
+
+def bench_ddp(*, model: str = "small-cnn", nproc: int = 2, batch_size: int = 128, val_batch_size: int = 100,
+              image_shape=(1, 28, 28), num_classes: int = 10, steps: int = 10, warmup: int = 2, seed: int = 0,
+              check_compile: bool = False) -> dict:
+    """Fused against unfused L2B steps under DistributedDataParallel: ``nproc`` gloo ranks on this CPU.
+
+    Fused: the real forward through the DDP wrapper carries the JVP's tangent (one forward); unfused:
+    the JVP forward on the plain module, then a second, plain forward through the wrapper (what
+    ``--sync-bn`` and ``--compile`` run). Each timed step is the method's ``step`` and the update
+    (backward with DDP's all-reduce, clipping at 5, SGD); the two kinds alternate, which one goes first
+    alternating too, on one model and optimizer. The result is the median of the per-step-pair
+    ratios fused / unfused (paired, so machine drift cancels), with the median seconds of each kind.
+    With ``check_compile``, ``fused_checks["compile"]`` says whether the fused forward runs through a
+    torch.compile'd module: "ok" or the error it raised. (SyncBatchNorm cannot be checked here: it runs
+    only on GPUs.)
+    Each rank uses one thread, so ``nproc`` should not exceed the cores.
+    """
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    if nproc < 2:
+        raise L2BError(f"--nproc must be >= 2 for a data-parallel benchmark, got {nproc}")
+    if steps < 1:
+        raise L2BError(f"--steps must be >= 1, got {steps}")
+    if batch_size % nproc or val_batch_size % nproc:
+        raise L2BError(f"--batch-size ({batch_size}) and --val-batch-size ({val_batch_size}) are global batches "
+                       f"and must be divisible by --nproc ({nproc})")
+    settings = dict(model=model, batch_size=batch_size, val_batch_size=val_batch_size, image_shape=list(image_shape),
+                    num_classes=num_classes, steps=steps, warmup=warmup, seed=seed)
+    with tempfile.TemporaryDirectory(prefix="l2b-bench-ddp-") as tmp:
+        mp.spawn(_ddp_bench_rank, args=(nproc, tmp, settings), nprocs=nproc, join=True)
+        times = torch.load(f"{tmp}/rank0.pt")
+    ratios = [f / u for f, u in zip(times["fused"], times["unfused"])]
+    checks = {"compile": fused_compile_check(model=model, image_shape=image_shape, num_classes=num_classes)} if check_compile else {}
+    return {"device": "cpu", "backend": "gloo", "nproc": nproc, "threads_per_rank": 1, **settings,
+            "seconds": {k: statistics.median(times[k]) for k in ("fused", "unfused")},
+            "fused_over_unfused": statistics.median(ratios), "pair_ratios": ratios, "fused_checks": checks,
+            "torch": torch.__version__}
+
+
+def _ddp_bench_rank(rank: int, nproc: int, tmp: str, s: dict) -> None:
+    """One rank of :func:`bench_ddp` (spawned; a file store, so no port is needed)."""
+    import torch.distributed as dist
+    from torch import nn
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=nproc)
+    try:
+        torch.manual_seed(s["seed"])
+        net = create_model(s["model"], num_classes=s["num_classes"], in_channels=s["image_shape"][0])
+        ddp = nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        method = create_method("l2b")
+        g = torch.Generator().manual_seed(s["seed"] + 1 + rank)  # each rank its own shard
+        n, m = s["batch_size"] // nproc, s["val_batch_size"] // nproc
+        x, xv = torch.randn(n, *s["image_shape"], generator=g), torch.randn(m, *s["image_shape"], generator=g)
+        y = torch.randint(0, s["num_classes"], (n,), generator=g)
+        yv = torch.randint(0, s["num_classes"], (m,), generator=g)
+
+        def step(fuse: bool) -> None:
+            ctx = StepContext(opt, lambda: (xv, yv), 1, s["num_classes"], module=net, world_size=nproc,
+                              fuse_forward=fuse)
+            loss = method.step(ddp, x, y, ctx).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+            opt.step()
+
+        times = {"fused": [], "unfused": []}
+        net.train()
+        for i in range(s["warmup"] + s["steps"]):
+            for fuse in ((True, False) if i % 2 == 0 else (False, True)):
+                dist.barrier()  # every rank starts the step together: the all-reduces do not wait on a straggler
+                t0 = time.perf_counter()
+                step(fuse)
+                if i >= s["warmup"]:
+                    times["fused" if fuse else "unfused"].append(time.perf_counter() - t0)
+        if rank == 0:
+            torch.save(times, f"{tmp}/rank0.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def fused_compile_check(*, model: str = "small-cnn", image_shape=(1, 28, 28), num_classes: int = 10) -> str:
+    """Whether the fused forward (meta.weighted_forward) runs through a torch.compile'd module, in one
+    process: "ok" when it does and gives the eager weights and logits (to 1e-4), else the error it raised."""
+    from ..meta import weighted_forward
+
+    torch.manual_seed(0)
+    net = create_model(model, num_classes=num_classes, in_channels=image_shape[0])
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    x, xv = torch.randn(16, *image_shape), torch.randn(8, *image_shape)
+    y, yv = torch.randint(0, num_classes, (16,)), torch.randint(0, num_classes, (8,))
+    eager_w, eager_logits = weighted_forward(copy.deepcopy(net), x, y, xv, yv, optimizer=opt)
+    try:
+        w, logits = weighted_forward(net, x, y, xv, yv, optimizer=opt, wrapper=torch.compile(net))
+    except Exception as exc:  # dynamo/inductor raise many types; the message is the measured reason
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+    same = torch.allclose(w.alpha, eager_w.alpha, atol=1e-4) and torch.allclose(logits, eager_logits, atol=1e-4)
+    return "ok" if same else "runs, but its weights or logits differ from the eager ones"
+
+
+def format_ddp_table(result: dict) -> str:
+    lines = [f"{result['nproc']} gloo ranks on the CPU ({result['threads_per_rank']} thread each), model "
+             f"{result['model']}, global n={result['batch_size']}, m={result['val_batch_size']}, input "
+             f"{tuple(result['image_shape'])}, median of {result['steps']} step pairs",
+             f"{'L2B step under DDP':<28}{'ms':>10}",
+             *(f"{k:<28}{1000 * v:>10.2f}" for k, v in result["seconds"].items()),
+             f"fused / unfused (paired): {result['fused_over_unfused']:.3f}"]
+    lines += [f"fused forward with {k}: {v}" for k, v in result["fused_checks"].items()]
+    return "\n".join(lines)
+
+
+def write_jpegs(folder, *, num_images: int, size: int, seed: int = 0) -> list:
+    """``num_images`` generated RGB JPEGs of size x size in ``folder`` (smooth colour fields plus noise, so
+    they compress like photographs rather than like white noise); returns their paths in order."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from ..data.images import pil
+
+    Image = pil()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(num_images):
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+        pixels = np.asarray(coarse, dtype=np.int16) + rng.integers(-12, 13, (size, size, 3), dtype=np.int16)
+        path = folder / f"{i:05d}.jpg"
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def bench_stream(*, image_sizes=(64, 224), num_images: int = 512, workers=(0, 1, 2), batch_size: int = 64,
+                 val_batch_size: int = 32, model: str = "small-cnn", repeats: int = 2, seed: int = 0) -> dict:
+    """``--stream`` on the CPU: images/s decoded per worker, and the share of an L2B step spent waiting for data.
+
+    For each size, ``num_images`` generated JPEGs (:func:`write_jpegs`, in a temporary folder) are read
+    by the trainer's streaming reader (``StreamingImages``, Pillow in DataLoader workers; 0 workers =
+    in the training process). A step needs a training batch (``batch_size``) and a clean batch
+    (``val_batch_size``) decoded, then the exact L2B step of ``model`` (the method's step, backward,
+    SGD) on them. The reader decodes a batch when the step asks for it, so the step waits for all of
+    it: wait share = decode / (decode + compute), per step, median. Every worker count decodes the
+    same batches, interleaved with one timed step each, over ``repeats`` passes over the files.
+    ``workers_to_keep_up`` is the fewest workers, at one worker's measured rate, that decode a step's
+    images in no more time than the step computes (above it, compute dominates the step).
+    """
+    import math
+    import tempfile
+
+    from ..data.arrays import StreamingImages
+    from ..data.images import ImageFiles
+
+    if min(workers) < 0 or repeats < 1 or batch_size < 2 or num_images < batch_size + val_batch_size:
+        raise L2BError("bench data --stream needs workers >= 0, --repeats >= 1, batch size >= 2 and "
+                       f"--num-images >= batch size + clean batch ({batch_size + val_batch_size})")
+    per_step = batch_size + val_batch_size
+    sizes = {}
+    with tempfile.TemporaryDirectory(prefix="l2b-bench-stream-") as tmp:
+        for size in image_sizes:
+            files = ImageFiles(write_jpegs(f"{tmp}/{size}", num_images=num_images, size=size, seed=seed), size, 3)
+            readers = {w: StreamingImages(files, torch.device("cpu"), torch.zeros(3), torch.ones(3), workers=w)
+                       for w in workers}
+            _, _, _, kinds, _ = _setup(model, batch_size, val_batch_size, (3, size, size), 10, "cpu", "off", False,
+                                       seed)
+            step = kinds["l2b_exact"]
+            g = torch.Generator().manual_seed(seed)
+            y, yv = torch.randint(0, 10, (batch_size,), generator=g), torch.randint(0, 10, (val_batch_size,), generator=g)
+            decode = {w: [] for w in workers}
+            compute = []
+            warm = torch.arange(per_step)
+            for reader in readers.values():  # starts the workers; not timed (the median absorbs a slow first step)
+                reader.batch(warm)
+            for _ in range(repeats):
+                perm = torch.randperm(num_images, generator=g)
+                for b in range(num_images // per_step):
+                    idx = perm[b * per_step : (b + 1) * per_step]
+                    for w in (workers if b % 2 == 0 else workers[::-1]):
+                        t0 = time.perf_counter()
+                        x, xv = readers[w].batch(idx[:batch_size]), readers[w].batch(idx[batch_size:])
+                        decode[w].append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    step(x, y, xv, yv)
+                    compute.append(time.perf_counter() - t0)
+            del readers  # ends the workers
+            step_s = statistics.median(compute)
+            rates = {w: per_step * len(v) / sum(v) for w, v in decode.items()}
+            one = rates.get(1, rates[max(workers)] / max(max(workers), 1))
+            sizes[str(size)] = {  # keyed by str(workers), as in the JSON
+                "images_per_second": {str(w): r for w, r in rates.items()},
+                "images_per_second_per_worker": {str(w): r / max(w, 1) for w, r in rates.items()},
+                "wait_share": {str(w): statistics.median(d / (d + c) for d, c in zip(v, compute))
+                               for w, v in decode.items()},
+                "step_compute_seconds": step_s,
+                "workers_to_keep_up": max(1, math.ceil(per_step / (one * step_s))),
+            }
+    return {"device": "cpu", "threads": torch.get_num_threads(), "cores": os.cpu_count(), "model": model,
+            "method": "l2b (exact)", "batch_size": batch_size, "val_batch_size": val_batch_size,
+            "num_images": num_images, "repeats": repeats, "workers": list(workers), "format": "JPEG, quality 90, RGB",
+            "sizes": sizes}
+
+
+def format_stream_table(result: dict) -> str:
+    lines = [f"--stream on the CPU ({result['cores']} cores, {result['threads']} thread(s) per step), "
+             f"{result['num_images']} generated JPEGs per size, n={result['batch_size']} + m={result['val_batch_size']} "
+             f"images per step, {result['method']} step of {result['model']}",
+             f"{'size':>6}{'workers':>9}{'images/s':>10}{'per worker':>12}{'wait share':>12}{'step ms':>9}"]
+    for size, r in result["sizes"].items():
+        for w in map(str, result["workers"]):
+            lines.append(f"{size:>6}{w:>9}{r['images_per_second'][w]:>10.0f}{r['images_per_second_per_worker'][w]:>12.0f}"
+                         f"{100 * r['wait_share'][w]:>11.0f}%{1000 * r['step_compute_seconds']:>9.0f}")
+        lines.append(f"{'':>6} workers to keep up with this step: {r['workers_to_keep_up']}")
+    return "\n".join(lines)

@@ -153,6 +153,8 @@ def _step(run: Run, policy: Method, order: Tensor, b: int, signum: int | None) -
     idx = order[b * run.batch_size + rank * local : b * run.batch_size + (rank + 1) * local]
     x = td.train.batch(idx, augment=cfg.augment, generator=run.aug_gen).contiguous(memory_format=run.layout)
     y = td.y_observed[idx]
+    # not fused through SyncBatchNorm or torch.compile: both run the forward as an autograd.Function that has
+    # no forward-mode derivative ("You must implement the jvp function ...", `l2b bench ddp --compile`)
     ctx = StepContext(optimizer, run.next_clean, st.epoch, td.num_classes, module=run.model, world_size=world,
                       meta_grad=cfg.meta_grad, fuse_forward=not (cfg.sync_bn or cfg.compile))
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)

@@ -18,7 +18,7 @@ from ..data.sources import load_dataset
 from ..errors import L2BError
 from ..methods.base import Method, PrepareContext, create_method
 from ..models import create_model
-from ..parallel import gather_objects, is_rank_zero
+from ..parallel import gather_objects, is_rank_zero, launched
 from .checkpoint import data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistInfo, convert_sync_bn, setup, wrap
 from .outputs import check_out, clear_run_dir, lock_run_dir, new_run_dir, write_metrics, write_run_files
@@ -161,7 +161,11 @@ def _set_up(cfg, resume, data, model, resume_anyway: bool, claim: _Claim) -> Run
             claim.lock = lock_run_dir(out)
         saved, cfg = _resume_point(out, resume_anyway)
     method = create_method(cfg.method, **cfg.to_dict())  # each method takes the keys it reads
-    dist_info, device = setup(resolve_device(cfg.device))  # a single process unless launched by torchrun
+    device = resolve_device(cfg.device)
+    if cfg.sync_bn and launched() and device.type != "cuda":  # DDP refuses SyncBatchNorm off the GPU
+        raise L2BError(f"--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm does not run on {device.type}); "
+                       "drop --sync-bn")
+    dist_info, device = setup(device)  # a single process unless launched by torchrun
     world = dist_info.world_size
     if cfg.nproc != world:  # launched by torchrun: the run records (and checks batch sizes for) its world size
         cfg = make_config({**cfg.to_dict(), "nproc": world}, source=f"torchrun with {world} processes")
