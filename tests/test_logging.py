@@ -227,7 +227,7 @@ def test_sweep_prints_a_line_as_each_cell_starts_and_ends(tmp_path, tiny_args, c
     assert lines[3].startswith("[2/2] ce-sym-r0.4-s2: done in ") and "to go" not in lines[3]
     summary = json.loads((tmp_path / "s" / "ce-sym-r0.4-s2" / "summary.json").read_text())
     assert f"{summary['test_acc_last']:.2f}% at the last epoch" in lines[3]
-    # run again: every cell is already finished, one line each, no training
-    assert main([*sweep, "--out", str(tmp_path / "s")]) == 0
+    # run again (other logs do not make other settings): every cell is already finished, one line each
+    assert main([*sweep, "--log", "csv", "--out", str(tmp_path / "s")]) == 0
     again = [s for s in capsys.readouterr().out.splitlines() if s.startswith("[")]
     assert [s.split(":")[1].strip().split(",")[0] for s in again] == ["already finished"] * 2

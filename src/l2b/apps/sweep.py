@@ -179,7 +179,8 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
             return f"{old:g}" == new
         return old == new
 
-    differ = sorted(k for k, v in cfg.to_dict().items() if k in saved and not same(saved[k], v))
+    # --log changes what is written beside the results, not the results
+    differ = sorted(k for k, v in cfg.to_dict().items() if k in saved and k != "log" and not same(saved[k], v))
     if differ:
         raise L2BError(f"{run_dir} was run with other settings ({', '.join(differ)}); "
                        "use another --out or delete the folder")
