@@ -256,7 +256,7 @@ def _sweep(args) -> int:
                        noise_rates=_split(args.noise_rates, float, "--noise-rates") or [base.noise_rate],
                        seeds=_split(args.seeds, int, "--seeds") or [base.seed], out=out)
     print(f"l2b sweep: {len(cells)} runs in {out}")
-    run_sweep(cells, progress=not args.quiet)
+    run_sweep(cells, progress=not args.quiet, echo=print)
     width = max(len(c.name) for c in cells)
     for c in cells:
         print(f"  {c.name:<{width}}  {c.status:<8} {c.detail}")

@@ -24,9 +24,10 @@ from .meta import META_GRADS, NORMALIZATIONS
 from .registry import DATA_FORMATS, DATASETS, METHODS, MODELS, Registry
 
 __all__ = ["Config", "option", "make_config", "validate", "load_yaml", "save_yaml", "options_markdown",
-           "NOISE_MODELS", "ALIASES"]
+           "NOISE_MODELS", "LOGGERS", "ALIASES"]
 
 NOISE_MODELS = ("none", "sym", "uniform", "asym", "pairflip", "instance")  # and file:PATH (given labels)
+LOGGERS = ("auto", "none", "csv", "tensorboard")  # --log takes a comma list of them
 META_METHODS = ("l2b", "l2rw", "l2b-alpha0", "l2b-convex")  # the meta-reweighting family
 
 
@@ -167,6 +168,9 @@ class Config:
     keep_checkpoints: int = option(1, "keep this many epoch checkpoints (1: only the latest)", low=1, group="run")
     on_nan: str = option("stop", "on a NaN/inf loss: stop (keep the last good checkpoint, exit 2) or skip the "
                          "step and count it", choices=("stop", "skip"), group="run")
+    log: str = option("auto", "per-epoch logs besides metrics.jsonl, a comma list: csv (metrics.csv), tensorboard "
+                      "(event files in the run folder: pip install 'l2b[tensorboard]'), none; auto: tensorboard "
+                      "where the package is installed, else csv", choices=LOGGERS, group="run")
     seed: int = option(0, "seed of the split, the noise, the initialisation and the data order", group="run")
     device: str = option("auto", "auto, cpu, cuda or cuda:N", group="run")
     out: str | None = option(None, "run folder (must not exist); default runs/<time>-<method>", group="run")
@@ -342,6 +346,15 @@ def _check_choice(key: str, v: str, choices) -> None:
         if len(v) == 5:
             raise L2BError("noise 'file:': give the path of the label file after 'file:'")
         return
+    if key == "log":  # a comma list; "auto" and "none" stand alone
+        parts = [p.strip() for p in v.split(",")]
+        for part in parts:
+            if part not in choices:
+                raise L2BError(f"log must be a comma list of {', '.join(choices[2:])}, or auto or none; "
+                               f"got {part!r}{closest(part, list(choices))}")
+        if len(parts) > 1 and {"auto", "none"} & set(parts):
+            raise L2BError(f"log: auto and none stand alone, got {v!r}")
+        return
     names = choices.names() if isinstance(choices, Registry) else list(choices)
     if isinstance(choices, Registry):
         choices.check(v)
@@ -406,9 +419,10 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
-def save_yaml(cfg: Config, path: Path) -> None:
-    """The resolved config, one key a line, each with its help text as a comment."""
-    lines = []
+def save_yaml(cfg: Config, path: Path, *, header: str = "") -> None:
+    """The resolved config, one key a line, each with its help text as a comment; ``header`` (one line)
+    goes first as a comment, so the file stays loadable by :func:`make_config`."""
+    lines = [f"# {header}"] if header else []
     for f in fields(Config):
         value = yaml.safe_dump({f.name: getattr(cfg, f.name)}, sort_keys=False).rstrip("\n")
         lines.append(f"{value}  # {f.metadata['help']}" if "\n" not in value else value)
@@ -426,6 +440,8 @@ def describe(f: dataclasses.Field) -> str:
             names = names + [k + ":PATH" for k in DATA_FORMATS.names()]
         if f.name == "noise":
             names = names + ["file:PATH"]
+        if f.name == "log":
+            return "auto, none, or a comma list of: " + ", ".join(names[2:])
         return "one of: " + ", ".join(names)
     if meta["low"] is not None or meta["high"] is not None:
         lo, hi = meta["low"], meta["high"]

@@ -208,8 +208,8 @@ def resnet50(num_classes: int, in_channels: int = 3, pretrained: bool = False) -
 
 
 @torch.no_grad()
-def predict_probs(model: nn.Module, images, batch_size: int) -> torch.Tensor:
-    """Softmax probabilities (N, K) of every image, in eval mode; restores the mode after.
+def predict_logits(model: nn.Module, images, batch_size: int) -> torch.Tensor:
+    """Logits (N, K) of every image, in float32 and eval mode; restores the mode after.
 
     ``images`` is anything with ``len()``, ``.device`` and ``.batch(idx)`` returning the normalised
     float batch (``l2b.data.arrays.DeviceImages``, ``StreamingImages``).
@@ -219,9 +219,14 @@ def predict_probs(model: nn.Module, images, batch_size: int) -> torch.Tensor:
     out = []
     for start in range(0, len(images), batch_size):
         idx = torch.arange(start, min(start + batch_size, len(images)), device=images.device)
-        out.append(torch.softmax(model(images.batch(idx)).float(), 1))
+        out.append(model(images.batch(idx)).float())
     model.train(was_training)
     if not out:
         return torch.zeros(0, 0)
     return torch.cat(out)
 
+
+def predict_probs(model: nn.Module, images, batch_size: int) -> torch.Tensor:
+    """Softmax probabilities (N, K) of every image (:func:`predict_logits`, then a softmax per row)."""
+    logits = predict_logits(model, images, batch_size)
+    return torch.softmax(logits, 1) if len(logits) else logits

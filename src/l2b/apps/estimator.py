@@ -262,6 +262,7 @@ class L2BClassifier(*_BASES):
             "temperature": self.temperature, "meta_set": meta_set, "pseudo_size": self.pseudo_size,
             "meta_confidence": self.meta_confidence, "meta_refresh": self.meta_refresh,
             "seed": self.random_state, "device": self.device, "out": str(out),
+            "log": "auto" if self.run_dir else "none",  # no event files in a folder deleted after fit()
         }, source="L2BClassifier parameters")
 
     def _build_module(self, num_classes: int, shape: tuple[int, ...]) -> nn.Module:

@@ -4,17 +4,22 @@ Cells run one after another in this process through the one trainer. A cell whos
 ``summary.json`` is finished and skipped; one with a checkpoint (or, stopped before its first one,
 its config.yaml) is resumed; a failing cell is reported (its folder gets an ``error.txt``) and the
 others continue. SIGINT/SIGTERM stop the sweep: the running cell writes a checkpoint, and
-:class:`l2b.errors.Interrupted` (exit 130/143) ends the sweep; a rerun resumes that cell.
+:class:`l2b.errors.Interrupted` (exit 130/143) ends the sweep; a rerun resumes that cell. Each cell
+says when it starts and ends (k of N, its result, the time left at the mean pace of the cells trained
+so far).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -81,17 +86,56 @@ class _StopBetweenCells:
             signal.signal(sig, handler)
 
 
-def run_sweep(cells: list[Cell], *, progress: bool = False) -> list[Cell]:
+def run_sweep(cells: list[Cell], *, progress: bool = False, echo: Callable[[str], None] | None = None) -> list[Cell]:
     """Run the cells in order; never raises for one cell's failure (see each cell's status).
 
     A signal (SIGINT/SIGTERM) is not a failure: the cell is marked ``stopped`` and
     :class:`l2b.errors.Interrupted` propagates, ending the sweep (a rerun resumes the cell).
+    ``echo`` (e.g. ``print``; default: the log) gets a line ``[k/N] name: ...`` as a cell starts, with
+    the runs to go and their estimated time, and one as it ends, with its status, time and result.
     """
+    say = echo or log.info
+    durations: list[float] = []  # seconds of the cells trained (or resumed) so far
     with _StopBetweenCells():
         for i, cell in enumerate(cells, 1):
-            log.info("[%d/%d] %s", i, len(cells), cell.name)
+            tag, run_dir = f"[{i}/{len(cells)}] {cell.name}", Path(cell.cfg.out)
+            if (run_dir / "summary.json").is_file():
+                _run_cell(cell, progress)
+                say(f"{tag}: already finished, {_result(run_dir)}" if cell.status == "skipped"
+                    else f"{tag}: {cell.status}, {cell.detail}")
+                continue
+            say(f"{tag}: started{_eta(cells[i - 1:], durations)}")
+            t0 = time.perf_counter()
             _run_cell(cell, progress)
+            seconds = time.perf_counter() - t0
+            if cell.status in ("done", "resumed"):
+                durations.append(seconds)
+            result = _result(run_dir) if cell.status in ("done", "resumed") else cell.detail
+            say(f"{tag}: {cell.status} in {_duration(seconds)}, {result}{_eta(cells[i:], durations)}")
     return cells
+
+
+def _result(run_dir: Path) -> str:
+    """A finished cell's result in words, from its summary.json."""
+    s = json.loads((run_dir / "summary.json").read_text())
+    pct = lambda v: "n/a" if v is None else f"{v:.2f}%"  # noqa: E731
+    return (f"test accuracy {pct(s['test_acc_last'])} at the last epoch, {pct(s['test_acc_best_val'])} at the best "
+            f"clean-val epoch ({s['best_val_epoch']})")
+
+
+def _eta(rest: list[Cell], durations: list[float]) -> str:
+    """'; N runs to go, about T': the cells of ``rest`` without a summary, at the mean pace so far."""
+    left = sum(not (Path(c.cfg.out) / "summary.json").is_file() for c in rest)
+    if not left:
+        return ""
+    pace = f", about {_duration(left * sum(durations) / len(durations))}" if durations else ""
+    return f"; {left} run{'s' if left > 1 else ''} to go{pace}"
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def _run_cell(cell: Cell, progress: bool) -> None:
@@ -135,7 +179,8 @@ def _check_same_config(run_dir: Path, cfg: Config) -> None:
             return f"{old:g}" == new
         return old == new
 
-    differ = sorted(k for k, v in cfg.to_dict().items() if k in saved and not same(saved[k], v))
+    # --log changes what is written beside the results, not the results
+    differ = sorted(k for k, v in cfg.to_dict().items() if k in saved and k != "log" and not same(saved[k], v))
     if differ:
         raise L2BError(f"{run_dir} was run with other settings ({', '.join(differ)}); "
                        "use another --out or delete the folder")

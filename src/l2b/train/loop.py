@@ -30,10 +30,11 @@ from ..models import predict_probs
 from ..parallel import agree_on_step, all_gather_columns
 from ..runfiles import per_sample_table, write_table
 from .checkpoint import atomic_save, safe_load, write_atomically
-from .outputs import accumulate_weight_stats, keep_history, run_plan, summarize, weight_means
+from .outputs import (accumulate_weight_hist, accumulate_weight_stats, accuracy_counts, keep_history, run_plan,
+                      summarize, train_accuracies, weight_means)
 from .setup import Run, start_run
 from .state import CyclingBatches
-from .update import cosine_lr, evaluate, optimizer_step
+from .update import accuracy_and_loss, cosine_lr, evaluate, optimizer_step
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +165,8 @@ def _step(run: Run, policy: Method, order: Tensor, b: int, signum: int | None) -
     if finite:
         optimizer_step(result.loss, optimizer, run.model, grad_clip=cfg.grad_clip, scaler=run.scaler)
         st.loss_sum += result.loss.item()
+        if result.logits is not None:
+            _record_accuracy(run, idx, y, result.logits)
         if result.alpha is not None:
             _record_weights(run, idx, y, result)
     elif cfg.on_nan == "skip":
@@ -179,6 +182,18 @@ def _step(run: Run, policy: Method, order: Tensor, b: int, signum: int | None) -
     return received
 
 
+def _record_accuracy(run: Run, idx: Tensor, y: Tensor, logits: Tensor) -> None:
+    """Count the real forward's predictions (train mode, this step's parameters) against the observed
+    and, where known, the true labels; as training accuracy in Lightning or timm, no extra pass."""
+    pred = logits.detach().argmax(1)
+    if run.dist.world_size > 1:  # every rank counts the global batch, as one process would
+        idx, pred = all_gather_columns((idx, pred))
+        y = run.td.y_observed[idx]
+    flipped = None if run.y_true is None else run.td.flipped[idx]
+    y_true = None if run.y_true is None else run.y_true[idx]
+    run.state.train_counts += accuracy_counts(pred, y, flipped, y_true).cpu()
+
+
 def _record_weights(run: Run, idx: Tensor, y: Tensor, result) -> None:
     """Per-sample records and clean/flipped weight statistics of a meta step's (global) batch."""
     prob = torch.softmax(result.logits.detach().float(), 1).gather(1, result.pseudo[:, None])[:, 0]
@@ -190,6 +205,7 @@ def _record_weights(run: Run, idx: Tensor, y: Tensor, result) -> None:
         log.info("epoch %d, step %d: all meta-weights are zero", run.state.epoch + 1, run.state.step)
     if run.td.flipped is not None:
         accumulate_weight_stats(run.state.weight_stats, run.td.flipped[idx].cpu(), alpha.cpu(), beta.cpu())
+    accumulate_weight_hist(run.state.weight_hist, run.state.weight_moments, alpha, beta)
 
 
 def _end_epoch(run: Run, policy: Method, t0: float, progress: bool, force_checkpoint: bool = False) -> bool:
@@ -206,13 +222,16 @@ def _end_epoch(run: Run, policy: Method, t0: float, progress: bool, force_checkp
             run.checkpoint(out / "checkpoint.pt")
         return checkpoint_due
     td = run.td
-    val_acc = evaluate(run.model, td.clean, td.y_clean, cfg.eval_batch_size) if len(td.y_clean) else None
+    val_acc = val_loss = None
+    if len(td.y_clean):
+        val_acc, val_loss = accuracy_and_loss(run.model, td.clean, td.y_clean, cfg.eval_batch_size)
     test_due = epoch + 1 == cfg.epochs or (cfg.test_every and (epoch + 1) % cfg.test_every == 0)  # last: always
     test_acc = evaluate(run.model, td.test, td.y_test, cfg.eval_batch_size) if len(td.y_test) and test_due else None
     seconds = st.epoch_seconds + time.perf_counter() - t0  # training and evaluation, across a resume
     line = {"epoch": epoch + 1, "lr": run.optimizer.param_groups[0]["lr"],
             "train_loss": st.loss_sum / max(run.steps_per_epoch, 1),
-            "val_acc": val_acc, "test_acc": test_acc, "seconds": seconds}
+            **train_accuracies(st.train_counts, truth_known=run.y_true is not None),
+            "val_loss": val_loss, "val_acc": val_acc, "test_acc": test_acc, "seconds": seconds}
     if st.skipped:
         line["skipped_steps"] = st.skipped
     if run.method.uses_meta_set and policy is run.method:
@@ -222,6 +241,8 @@ def _end_epoch(run: Run, policy: Method, t0: float, progress: bool, force_checkp
             line["meta_size"] = len(st.meta_idx)
     st.metrics.append(line)
     st.train_seconds += seconds
+    if run.logs is not None:
+        run.logs.epoch(st.metrics, st.weight_hist, st.weight_moments)
     st.next_epoch()
     try:
         with open(out / "metrics.jsonl", "a") as fh:
@@ -231,7 +252,7 @@ def _end_epoch(run: Run, policy: Method, t0: float, progress: bool, force_checkp
                        f"{out / 'checkpoint.pt'}: free space, then l2b train --resume {out}") from None
     if progress:
         tqdm.write(f"epoch {epoch + 1:3d}/{cfg.epochs}  loss {line['train_loss']:.4f}  "
-                   f"val {_pct(val_acc)}  test {_pct(test_acc)}  {seconds:5.1f}s")
+                   f"train {_pct(line['train_acc'])}  val {_pct(val_acc)}  test {_pct(test_acc)}  {seconds:5.1f}s")
     if val_acc is not None and val_acc > st.best_val:
         st.best_val = val_acc
         atomic_save({"config": cfg.to_dict(), "epoch": epoch + 1, "val_acc": val_acc,

@@ -2,22 +2,29 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import platform
 import shutil
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from ..config import Config, save_yaml
 from ..data.arrays import ImageData
 from ..data.prepare import TrainData
 from ..errors import L2BError
+from ..version import __version__
 from .checkpoint import write_atomically
 
 __all__ = ["check_out", "new_run_dir", "lock_run_dir", "clear_run_dir", "write_run_files", "write_metrics",
-           "keep_history", "summarize", "weight_means", "accumulate_weight_stats", "run_plan"]
+           "keep_history", "summarize", "weight_means", "accumulate_weight_stats", "run_plan", "environment",
+           "record_environment", "resolve_logs", "EpochLogs", "accuracy_counts", "train_accuracies",
+           "accumulate_weight_hist", "WEIGHT_BIN_EDGES"]
 
 
 LOCK = ".lock"  # flock'ed by the one process writing the folder
@@ -88,9 +95,11 @@ def clear_run_dir(out: Path, created: bool) -> None:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 
 
-def write_run_files(out: Path, cfg: Config, td: TrainData, data: ImageData) -> None:
-    """What a fresh run folder holds before the first step: config, noise, labels, the data record."""
-    save_yaml(cfg, out / "config.yaml")
+def write_run_files(out: Path, cfg: Config, td: TrainData, data: ImageData, env: dict) -> None:
+    """What a fresh run folder holds before the first step: config (its first line names the versions
+    and the device of ``env``, :func:`environment`), noise, labels, the data record."""
+    save_yaml(cfg, out / "config.yaml", header=f"l2b {env['l2b']}, torch {env['torch']}, device {env['device']} "
+                                               f"({env['device_name']}); run.json has the details")
     (out / "noise.json").write_text(json.dumps(td.noise_info, indent=1))
     np.save(out / "noisy_labels.npy", td.y_observed.cpu().numpy())
     for name, text in data.files.items():  # e.g. the seeded ISIC2019 split
@@ -191,3 +200,159 @@ def run_plan(cfg: Config, td: TrainData, *, resumed_at: int | None = None) -> st
     if resumed_at is not None:
         lines.append(f"  resuming after epoch {resumed_at}")
     return "\n".join(lines)
+
+
+def environment(device: torch.device, world_size: int) -> dict:
+    """What ran a run: the l2b, torch and Python versions, the device and the number of processes."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"l2b": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": str(device), "device_name": name, "world_size": world_size}
+
+
+def record_environment(out: Path, env: dict, logs: tuple[str, ...], *, resumed_at: int | None = None) -> None:
+    """run.json: the environment of the run's start, and one entry per resume (a resume may run elsewhere)."""
+    path = out / "run.json"
+    now = datetime.now().isoformat(timespec="seconds")
+    if resumed_at is None or not path.is_file():
+        record = {**env, "log": list(logs), "started": now, "resumes": []}
+    else:
+        record = json.loads(path.read_text())
+        record.setdefault("resumes", []).append({**env, "log": list(logs), "at_epoch": resumed_at, "started": now})
+    text = json.dumps(record, indent=1).encode()
+    write_atomically(path, lambda fh: fh.write(text))
+
+
+# ---- per-epoch training accuracy, from the logits of each step's real forward (no extra pass)
+
+def accuracy_counts(pred: Tensor, y: Tensor, flipped: Tensor | None, y_true: Tensor | None) -> Tensor:
+    """Counts of one batch, (7,) int64: samples, predicted = observed label; where the truth is known,
+    clean samples, of them predicted right; flipped samples, of them predicted as their observed (wrong)
+    label (memorised) and as their true label (corrected). ``pred``, ``y``, ``flipped``, ``y_true``: (n,)."""
+    hit = pred == y
+    rows = [torch.ones_like(hit), hit]
+    if flipped is not None:
+        rows += [~flipped, hit & ~flipped, flipped, hit & flipped, (pred == y_true) & flipped]
+    counts = torch.stack(rows).sum(1)
+    return torch.cat([counts, counts.new_zeros(7 - len(counts))])
+
+
+def train_accuracies(counts: Tensor, *, truth_known: bool) -> dict:
+    """Percentages of an epoch's :func:`accuracy_counts` (None where no sample counted): ``train_acc``
+    (observed labels); where the truth is known, ``train_acc_clean``, ``train_acc_flipped`` (flipped
+    samples predicted as their true label: the correction) and ``train_memorized`` (flipped samples
+    predicted as their observed, wrong label: the memorisation of the paper's Fig. 2)."""
+    c = counts.tolist()
+    pct = lambda part, whole: 100.0 * part / whole if whole else None  # noqa: E731
+    out = {"train_acc": pct(c[1], c[0])}
+    if truth_known:
+        out.update(train_acc_clean=pct(c[3], c[2]), train_acc_flipped=pct(c[6], c[4]), train_memorized=pct(c[5], c[4]))
+    return out
+
+
+# ---- histograms of the meta-weights, for TensorBoard
+
+# right edges of the buckets of a weight times the batch size (1 = an average sample's share of the
+# n weights); one bucket below (exact zeros: `sum` clamps many) and one above the last edge
+WEIGHT_BIN_EDGES = torch.linspace(0.0, 4.0, 41, dtype=torch.float64)
+
+
+def accumulate_weight_hist(hist: Tensor, moments: Tensor, alpha: Tensor, beta: Tensor) -> None:
+    """Add a step's weights (n,) to ``hist`` (2, 42), bucket counts of alpha and beta over
+    :data:`WEIGHT_BIN_EDGES`, and to ``moments`` (2, 4): min, max, sum and sum of squares."""
+    n = len(alpha)
+    for row, w in enumerate((alpha, beta)):
+        w = w.detach().double().cpu() * n
+        hist[row] += torch.bincount(torch.bucketize(w, WEIGHT_BIN_EDGES), minlength=hist.shape[1]).double()
+        moments[row, 0] = min(moments[row, 0], w.min())
+        moments[row, 1] = max(moments[row, 1], w.max())
+        moments[row, 2] += w.sum()
+        moments[row, 3] += (w * w).sum()
+
+
+# ---- the optional writers of --log
+
+def resolve_logs(spec: str) -> tuple[str, ...]:
+    """The writers of ``--log``: auto is tensorboard where the package is installed, else csv.
+
+    An explicit tensorboard without the package is an :class:`L2BError` naming the extra to install.
+    """
+    kinds = tuple(k.strip() for k in spec.split(","))
+    if kinds == ("none",):
+        return ()
+    if kinds == ("auto",):
+        return ("tensorboard",) if _summary_writer() is not None else ("csv",)
+    if "tensorboard" in kinds and _summary_writer() is None:
+        raise L2BError("--log tensorboard needs the tensorboard package: pip install 'l2b[tensorboard]' "
+                       "(or pip install tensorboard)")
+    return kinds
+
+
+def _summary_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # torch raises it when the tensorboard package is missing
+        return None
+    return SummaryWriter
+
+
+class EpochLogs:
+    """The per-epoch writers of ``--log`` (rank 0): metrics.csv and TensorBoard event files in ``out``.
+
+    Both hold what metrics.jsonl holds; TensorBoard adds histograms of alpha and beta per epoch. On a
+    resume (``metrics``: the finished epochs) the CSV is rewritten from them and TensorBoard drops what
+    an interrupted process logged for later epochs, so the curves match an uninterrupted run.
+    """
+
+    def __init__(self, out: Path, kinds: tuple[str, ...], *, metrics: list[dict] | None = None):
+        self.out, self.kinds, self.writer = out, kinds, None
+        if "tensorboard" in kinds:
+            resumed_at = len(metrics) if metrics is not None else None
+            self.writer = _summary_writer()(log_dir=str(out),
+                                            purge_step=None if resumed_at is None else resumed_at + 1)
+        if "csv" in kinds and metrics is not None:
+            write_csv(out / "metrics.csv", metrics)
+
+    def epoch(self, metrics: list[dict], hist: Tensor, moments: Tensor) -> None:
+        """Log the last line of ``metrics``, with the epoch's weight histograms (:func:`accumulate_weight_hist`)."""
+        if "csv" in self.kinds:
+            write_csv(self.out / "metrics.csv", metrics)
+        if self.writer is None:
+            return
+        line, step = metrics[-1], metrics[-1]["epoch"]
+        for key, value in line.items():
+            if key != "epoch" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(scalar_tag(key), value, step)
+        total = hist.sum(1)
+        for row, name in enumerate(("alpha", "beta")):
+            if total[row] > 0:
+                top = max(float(moments[row, 1]), float(WEIGHT_BIN_EDGES[-1]) + 0.1)  # overflow bucket's edge
+                limits = [*WEIGHT_BIN_EDGES.tolist(), top]
+                self.writer.add_histogram_raw(
+                    f"weights/{name}", min=float(moments[row, 0]), max=float(moments[row, 1]), num=int(total[row]),
+                    sum=float(moments[row, 2]), sum_squares=float(moments[row, 3]), bucket_limits=limits,
+                    bucket_counts=hist[row].tolist(), global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def scalar_tag(key: str) -> str:
+    """TensorBoard tag of a metrics key: train_acc -> train/acc, alpha_flipped -> weights/alpha_flipped
+    (beside the histograms), lr -> run/lr."""
+    head, _, rest = key.partition("_")
+    if rest and head in ("train", "val", "test"):
+        return f"{head}/{rest}"
+    return f"weights/{key}" if rest and head in ("alpha", "beta") else f"run/{key}"
+
+
+def write_csv(path: Path, metrics: list[dict]) -> None:
+    """metrics.csv: one row per epoch, the columns of every key seen (in order of appearance); empty = None."""
+    columns = list(dict.fromkeys(k for m in metrics for k in m))
+    buf = io.StringIO(newline="")
+    writer = csv.DictWriter(buf, columns, restval="")
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in m.items()} for m in metrics)
+    text = buf.getvalue().encode()
+    write_atomically(path, lambda fh: fh.write(text))

@@ -21,7 +21,8 @@ from ..models import create_model
 from ..parallel import gather_objects, is_rank_zero, launched
 from .checkpoint import data_fingerprint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistInfo, convert_sync_bn, setup, wrap
-from .outputs import check_out, clear_run_dir, lock_run_dir, new_run_dir, write_metrics, write_run_files
+from .outputs import (EpochLogs, check_out, clear_run_dir, environment, lock_run_dir, new_run_dir, record_environment,
+                      resolve_logs, write_metrics, write_run_files)
 from .state import CyclingBatches, LoopState, SampleRecords
 from .update import fit_ce
 
@@ -63,6 +64,8 @@ class Run:
     batch_size: int  # global; each rank takes batch_size // world_size of it
     fingerprint: str = ""  # of the training data and its observed labels (l2b.train.checkpoint.data_fingerprint)
     lock: object = None  # the run folder's lock file (rank 0), held until the run ends
+    y_true: Tensor | None = None  # (N,) true training labels on the device, where known
+    logs: EpochLogs | None = None  # --log's writers (rank 0)
 
     @property
     def layout(self) -> torch.memory_format:
@@ -94,7 +97,10 @@ class Run:
         }, path, self.fingerprint)
 
     def release(self) -> None:
-        """Give up the run folder's lock (the run has ended)."""
+        """Close --log's writers and give up the run folder's lock (the run has ended)."""
+        if self.logs is not None:
+            self.logs.close()
+            self.logs = None
         if self.lock is not None:
             self.lock.close()
             self.lock = None
@@ -169,6 +175,7 @@ def _set_up(cfg, resume, data, model, resume_anyway: bool, claim: _Claim) -> Run
     world = dist_info.world_size
     if cfg.nproc != world:  # launched by torchrun: the run records (and checks batch sizes for) its world size
         cfg = make_config({**cfg.to_dict(), "nproc": world}, source=f"torchrun with {world} processes")
+    logs = resolve_logs(cfg.log)  # a missing tensorboard package fails before anything is read or made
     if resume is None and dist_info.is_main:
         check_out(cfg)  # before any data is read: a bad --out fails fast
     data = load_dataset(cfg) if data is None else data
@@ -190,8 +197,9 @@ def _set_up(cfg, resume, data, model, resume_anyway: bool, claim: _Claim) -> Run
             claim.out, claim.lock = out, lock_run_dir(out)
         else:
             out = Path(f"<rank {dist_info.rank} writes no files>")
+    env = environment(device, world)
     if saved is None and dist_info.is_main:
-        write_run_files(out, cfg, td, data)
+        write_run_files(out, cfg, td, data, env)
         write_metrics(out, [])
 
     torch.manual_seed(cfg.seed)
@@ -214,7 +222,8 @@ def _set_up(cfg, resume, data, model, resume_anyway: bool, claim: _Claim) -> Run
         clean_source=CyclingBatches(len(td.y_clean), cfg.val_batch_size, torch.Generator().manual_seed(cfg.seed + 2)),
         records=SampleRecords(n_train, device), state=LoopState(),
         # the last partial batch is dropped (BatchNorm needs > 1); or a fixed number of class-balanced batches
-        steps_per_epoch=cfg.balanced_batches or n_train // batch_size, batch_size=batch_size, fingerprint=fingerprint)
+        steps_per_epoch=cfg.balanced_batches or n_train // batch_size, batch_size=batch_size, fingerprint=fingerprint,
+        y_true=None if td.flipped is None else torch.as_tensor(td.y_true).long().to(device))
     if hasattr(method, "prepare"):  # a method's own stage (teacher, GLC stage 1) or meta network
         t0 = time.perf_counter()
         new_model = lambda: create_model(cfg.model, num_classes=td.num_classes, in_channels=td.in_channels).to(device)  # noqa: E731
@@ -243,6 +252,10 @@ def _set_up(cfg, resume, data, model, resume_anyway: bool, claim: _Claim) -> Run
         run.aug_gen.set_state(ranks[dist_info.rank]["aug_gen"])
     if saved is None:  # so that a run killed at any moment, even in its first epoch, resumes
         run.checkpoint(out / "checkpoint.pt")
+    if dist_info.is_main:
+        record_environment(out, env, logs, resumed_at=None if saved is None else run.state.epoch)
+        if logs:
+            run.logs = EpochLogs(out, logs, metrics=run.state.metrics if saved is not None else None)
     return run
 
 

@@ -3,10 +3,13 @@ the clean set's cycling batches, and the per-sample records. All of it is checkp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 
 import torch
 from torch import Tensor
+
+from .outputs import WEIGHT_BIN_EDGES
 
 __all__ = ["LoopState", "CyclingBatches", "SampleRecords"]
 
@@ -33,12 +36,21 @@ class LoopState:
     epoch_seconds: float = 0.0  # time spent before a resume, added to the epoch's own
     # rows: alpha sum, beta sum, count; columns: clean, flipped samples (where the truth is known)
     weight_stats: Tensor = field(default_factory=lambda: torch.zeros(3, 2, dtype=torch.float64))
+    # the real forward's predictions: l2b.train.outputs.accuracy_counts, summed over the epoch's steps
+    train_counts: Tensor = field(default_factory=lambda: torch.zeros(7, dtype=torch.int64))
+    # alpha and beta (rows) for TensorBoard: bucket counts (l2b.train.outputs.WEIGHT_BIN_EDGES) and
+    # min, max, sum, sum of squares
+    weight_hist: Tensor = field(default_factory=lambda: torch.zeros(2, len(WEIGHT_BIN_EDGES) + 1,
+                                                                     dtype=torch.float64))
+    weight_moments: Tensor = field(default_factory=lambda: torch.tensor([[math.inf, -math.inf, 0.0, 0.0]] * 2,
+                                                                        dtype=torch.float64))
 
     def next_epoch(self) -> None:
         """Count the epoch as finished and reset the per-epoch fields."""
         fresh = LoopState()
         self.epoch += 1
-        for name in ("batch", "perm", "loss_sum", "skipped", "zero_weight_batches", "epoch_seconds", "weight_stats"):
+        for name in ("batch", "perm", "loss_sum", "skipped", "zero_weight_batches", "epoch_seconds", "weight_stats",
+                     "train_counts", "weight_hist", "weight_moments"):
             setattr(self, name, getattr(fresh, name))
 
     def to_dict(self) -> dict:

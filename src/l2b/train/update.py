@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import Config
-from ..models import predict_probs
+from ..models import predict_logits
 
-__all__ = ["cosine_lr", "optimizer_step", "fit_ce", "evaluate"]
+__all__ = ["cosine_lr", "optimizer_step", "fit_ce", "evaluate", "accuracy_and_loss"]
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float) -> float:
@@ -59,7 +59,17 @@ def fit_ce(model: nn.Module, images, labels: Tensor, *, cfg: Config, epochs: int
 
 def evaluate(model: nn.Module, images, labels: Tensor, batch_size: int) -> float:
     """Accuracy in percent, in eval mode (running BatchNorm statistics); restores the mode after."""
+    return accuracy_and_loss(model, images, labels, batch_size)[0]
+
+
+def accuracy_and_loss(model: nn.Module, images, labels: Tensor, batch_size: int) -> tuple[float, float | None]:
+    """Accuracy in percent and mean cross-entropy of ``labels`` (N,), in eval mode; restores the mode after.
+
+    The loss is None for an empty set (its accuracy is reported as 0, as :func:`evaluate` always has).
+    """
     if len(images) == 0:
-        return 0.0
-    predicted = predict_probs(model, images, batch_size).argmax(1).to(labels.device)
-    return 100.0 * (predicted == labels).sum().item() / len(images)
+        return 0.0, None
+    logits = predict_logits(model, images, batch_size)  # (N, K), float32
+    labels = labels.to(logits.device)
+    correct = (logits.argmax(1) == labels).sum().item()
+    return 100.0 * correct / len(images), F.cross_entropy(logits, labels).item()
