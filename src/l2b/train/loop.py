@@ -101,7 +101,7 @@ def _begin_epoch(run: Run) -> tuple[Method, Tensor]:
     if (run.method.uses_meta_set and cfg.meta_set == "pseudo" and st.batch == 0
             and epoch >= cfg.warmup_epochs and (epoch - cfg.warmup_epochs) % cfg.meta_refresh == 0):
         st.meta_idx = _pseudo_meta_set(cfg, run.model, run.td, epoch)
-        run.clean_source = CyclingBatches(len(st.meta_idx), cfg.val_batch_size,
+        run.clean_source = CyclingBatches(len(st.meta_idx), cfg.clean_batch_size,
                                           torch.Generator().manual_seed(cfg.seed + 2 + epoch))
     if st.perm is None:
         n_train = len(run.td.y_observed)
