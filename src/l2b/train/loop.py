@@ -29,7 +29,7 @@ from ..models import predict_probs
 from ..parallel import agree_on_step, all_gather_columns
 from ..runfiles import per_sample_table, write_table
 from .checkpoint import atomic_save
-from .outputs import accumulate_weight_stats, keep_history, summarize, weight_means
+from .outputs import accumulate_weight_stats, keep_history, summarize, weight_aurocs, weight_means
 from .setup import Run, start_run
 from .state import CyclingBatches
 from .update import cosine_lr, evaluate, optimizer_step
@@ -155,6 +155,7 @@ def _record_weights(run: Run, idx: Tensor, y: Tensor, result) -> None:
         log.info("epoch %d, step %d: all meta-weights are zero", run.state.epoch + 1, run.state.step)
     if run.td.flipped is not None:
         accumulate_weight_stats(run.state.weight_stats, run.td.flipped[idx].cpu(), alpha.cpu(), beta.cpu())
+        run.state.add_epoch_weights(len(run.td.y_observed), idx, alpha, beta)
 
 
 def _end_epoch(run: Run, policy: Method, t0: float, progress: bool) -> None:
@@ -178,6 +179,8 @@ def _end_epoch(run: Run, policy: Method, t0: float, progress: bool) -> None:
     if run.method.uses_meta_set and policy is run.method:
         line["zero_weight_batches"] = st.zero_weight_batches
         line.update(weight_means(st.weight_stats))
+        if td.flipped is not None:  # where the truth is known: do the weights single out the flipped samples?
+            line.update(weight_aurocs(st.epoch_weights, td.flipped))
         if st.meta_idx is not None:
             line["meta_size"] = len(st.meta_idx)
     st.metrics.append(line)
