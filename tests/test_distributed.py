@@ -26,9 +26,10 @@ from l2b.methods import StepContext, create_method
 WORLD = 2
 FD_RELATIVE_ERROR = torch.finfo(torch.float64).eps ** 0.5  # rounding of a forward difference at its step
 N, M, STEPS = 12, 8, 3  # global batch, global clean batch
-CASES = [  # (method, normalize, meta_grad, fuse_forward: the real forward through DDP carries the tangent)
+CASES = [  # (method, normalize, meta_grad, fuse_forward: the real forward through DDP carries the tangent[, meta_loss])
     ("l2b", "sum", "exact", True),
     ("l2b", "softmax", "exact", True),
+    ("l2b", "softmax", "exact", True, "sum"),  # G summed over the GLOBAL clean batch, not each rank's share
     ("l2rw", "sum", "exact", True),
     ("l2b-convex", "sum", "exact", True),
     ("l2b", "sum", "exact", False),
@@ -51,11 +52,11 @@ def _batches():
 
 def _train(case, rank=0, world=1, wrap=lambda m: m):
     """STEPS real steps of ``case`` on this rank's shard; returns (weights per step, final parameters)."""
-    method_name, normalize, meta_grad, fuse = case
+    method_name, normalize, meta_grad, fuse, *meta_loss = case
     module = _net()
     model = wrap(module)
     opt = torch.optim.SGD(module.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
-    method = create_method(method_name, normalize=normalize)
+    method = create_method(method_name, normalize=normalize, meta_loss=(meta_loss or ["mean"])[0])
     weights = []
     for x, y, xv, yv in _batches():
         n, m = N // world, M // world

@@ -91,10 +91,12 @@ def _lookahead_by_hand(p, state, group, first_step):
     return p.detach() - lr * new_buf0, lr
 
 
+@pytest.mark.parametrize("meta_loss", ["mean", "sum"])
 @pytest.mark.parametrize("opt_kind", ["plain", "momentum_wd", "nesterov", "first_momentum_step"])
-def test_raw_weights_are_lr_times_inner_products_with_per_sample_gradients(opt_kind):
+def test_raw_weights_are_lr_times_inner_products_with_per_sample_gradients(opt_kind, meta_loss):
     # Appendix B.2 (eq. 23, 28): -dG/dalpha_i = s <grad G(theta'), grad f_i(theta)> and
-    # -dG/dbeta_i = s <grad G(theta'), grad g_i(theta)>, g_i with the hard pseudo-label p_i.
+    # -dG/dbeta_i = s <grad G(theta'), grad g_i(theta)>, g_i with the hard pseudo-label p_i; G the
+    # mean clean loss (Algorithm 1) or, with meta_loss="sum", the summed one of eq. 7.
     # tests/test_meta.py checks the alpha half with plain SGD on a BatchNorm net held in eval mode;
     # this adds beta, pseudo-labels and the momentum / weight-decay / Nesterov look-ahead point.
     model = _mlp(seed=3)
@@ -104,7 +106,7 @@ def test_raw_weights_are_lr_times_inner_products_with_per_sample_gradients(opt_k
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-2)
     else:
         opt = _warm_optimizer(model, opt_kind, x, y)
-    w = meta_weights(model, x, y, xv, yv, optimizer=opt)
+    w = meta_weights(model, x, y, xv, yv, optimizer=opt, meta_loss=meta_loss)
 
     names = [n for n, _ in model.named_parameters()]
     params = list(model.parameters())
@@ -114,7 +116,8 @@ def test_raw_weights_are_lr_times_inner_products_with_per_sample_gradients(opt_k
     steps = [s for _, s in ahead]
     assert len(set(steps)) == 1  # one parameter group: one s for all parameters
     s = steps[0]
-    grad_G = _flat_grad(F.cross_entropy(functional_call(model, theta_prime, (xv,)), yv), list(theta_prime.values()))
+    grad_G = _flat_grad(F.cross_entropy(functional_call(model, theta_prime, (xv,)), yv, reduction=meta_loss),
+                        list(theta_prime.values()))
     if opt_kind != "plain":  # the look-ahead point is not theta: the test would see a wrong point
         grad_G_at_theta = _flat_grad(F.cross_entropy(model(xv), yv), params)
         assert not torch.allclose(grad_G, grad_G_at_theta, rtol=1e-3)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import l2b
 from l2b import create_model, meta_weights
+from l2b.meta import META_LOSSES, PSEUDO_SOURCES
 from l2b.reference import reference_meta_weights
 
 
@@ -255,3 +256,92 @@ def test_sigmoid_normalisation_is_eq13_and_exact_where_sigmoid_underflows():
     assert torch.sigmoid(far).sum() == 0
     a, _ = l2b.normalize_weights(far, far, mode="beta0", normalize="sigmoid")
     assert torch.allclose(a, torch.softmax(far, 0), rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------- --meta-loss, --pseudo-from
+
+def _distinct_running_stats(model, seed=11):
+    """BatchNorm running statistics far from any batch's: eval-mode predictions differ from train mode."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            mod.running_mean.copy_(2.0 * torch.randn(mod.running_mean.shape, generator=g))
+            mod.running_var.copy_(0.2 + 3.0 * torch.rand(mod.running_var.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("mode", ["l2b", "convex"])
+@pytest.mark.parametrize("normalize", l2b.NORMALIZATIONS)
+@pytest.mark.parametrize("meta_loss", META_LOSSES)
+@pytest.mark.parametrize("pseudo_from", PSEUDO_SOURCES)
+@pytest.mark.parametrize("meta_grad", ["exact", "fused"])
+def test_meta_loss_and_pseudo_source_equal_the_oracle(mode, normalize, meta_loss, pseudo_from, meta_grad):
+    from l2b.meta import weighted_forward
+
+    model, x, y, xv, yv = _problem(seed=4)
+    _distinct_running_stats(model)
+    opt = _optimizer(model, "momentum_wd", x, y)
+    options = dict(optimizer=opt, mode=mode, normalize=normalize, meta_loss=meta_loss, pseudo_from=pseudo_from)
+    if meta_grad == "fused":  # the trainer's pass: weights and the real forward's logits at once
+        fast, _ = weighted_forward(model, x, y, xv, yv, temperature=0.5, **options)
+    else:
+        fast = meta_weights(model, x, y, xv, yv, temperature=0.5, **options)
+    ref = reference_meta_weights(model, x, y, xv, yv, temperature=0.5, **options)
+    if pseudo_from == "eval":  # the two sources disagree on this batch, so the check can tell them apart
+        assert not torch.equal(ref[2], reference_meta_weights(model, x, y, xv, yv, optimizer=opt)[2])
+    for got, want in zip((fast.alpha, fast.beta, fast.pseudo, fast.raw_alpha, fast.raw_beta), ref):
+        scale = want.abs().max().clamp_min(1e-30) if want.is_floating_point() else 1
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-6 * float(scale)), (got, want)
+
+
+def test_summed_clean_loss_scales_raw_weights_by_m_which_only_sum_normalisation_cancels():
+    # eq. 7 sums G over the m clean images, Algorithm 1 averages: raw weights differ by exactly m
+    model, x, y, xv, yv = _problem(seed=2, m=10)
+    opt = _optimizer(model, "momentum_wd", x, y)
+    mean = meta_weights(model, x, y, xv, yv, optimizer=opt, meta_loss="mean")
+    total = meta_weights(model, x, y, xv, yv, optimizer=opt, meta_loss="sum")
+    m = len(yv)
+    for a, b in ((total.raw_alpha, mean.raw_alpha), (total.raw_beta, mean.raw_beta)):
+        assert torch.allclose(a, m * b, rtol=1e-10, atol=1e-15 * float(b.abs().max()))
+    assert torch.allclose(total.alpha, mean.alpha, rtol=1e-10, atol=1e-15)  # sum normalisation: m cancels
+    assert torch.allclose(total.beta, mean.beta, rtol=1e-10, atol=1e-15)
+    for normalize in ("softmax", "sigmoid"):  # ... but not here: the sum's weights are more peaked
+        kw = dict(optimizer=opt, normalize=normalize, temperature=1e-3)
+        w_mean = meta_weights(model, x, y, xv, yv, meta_loss="mean", **kw)
+        w_sum = meta_weights(model, x, y, xv, yv, meta_loss="sum", **kw)
+        spread = lambda w: float(torch.cat([w.alpha, w.beta]).max() / torch.cat([w.alpha, w.beta]).min())  # noqa: E731
+        assert spread(w_sum) > 1.5 * spread(w_mean), normalize
+
+
+def test_eval_pseudo_labels_follow_running_statistics_and_move_none():
+    model, x, y, xv, yv = _problem(seed=6, n=32)
+    _distinct_running_stats(model)
+    model.train()
+    with torch.no_grad():
+        train_pred = copy.deepcopy(model).train()(x).argmax(1)  # on a copy: this forward moves its stats
+        eval_pred = copy.deepcopy(model).eval()(x).argmax(1)
+    assert (train_pred != eval_pred).any()  # the two modes disagree on this batch: the test can tell them apart
+    before = copy.deepcopy(model.state_dict())
+    assert torch.equal(meta_weights(model, x, y, xv, yv, pseudo_from="train").pseudo, train_pred)
+    w = meta_weights(model, x, y, xv, yv, pseudo_from="eval")
+    assert torch.equal(w.pseudo, eval_pred)
+    assert model.training and all(mod.training for mod in model.modules())  # modes restored
+    for k, v in model.state_dict().items():  # no running statistic moved
+        assert torch.equal(v, before[k]), k
+
+
+def test_fused_step_with_eval_pseudo_labels_moves_batchnorm_stats_like_one_plain_step():
+    from l2b.meta import weighted_forward
+
+    model, x, y, xv, yv = _problem(seed=8, n=32, dtype=torch.float32)
+    _distinct_running_stats(model)
+    plain = copy.deepcopy(model).train()
+    model.train()
+    with torch.no_grad():
+        eval_pred = copy.deepcopy(model).eval()(x).argmax(1)
+        plain_logits = plain(x)  # one plain step's forward: one running-stat update
+    w, logits = weighted_forward(model, x, y, xv, yv, pseudo_from="eval")
+    assert torch.equal(w.pseudo, eval_pred) and not torch.equal(w.pseudo, logits.detach().argmax(1))
+    assert torch.allclose(logits.detach(), plain_logits, rtol=1e-5, atol=1e-6)  # g_i's logits: train mode
+    for (k, a), b in zip(plain.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), k

@@ -84,7 +84,7 @@ def test_sweep_is_resumable_and_report_matches_the_summaries(fmnist_cut_test, tm
     report = tmp_path / "report"
     try:
         import matplotlib  # noqa: F401
-        plots = ("fig2_test_acc.png", "fig3_normalize.png", "fig4_weights.png", "table9_time.png")
+        plots = ("fig2_test_acc.png", "fig3_normalize.png", "fig4_weights.png", "fig4_auroc.png", "table9_time.png")
     except ImportError:  # the tables do not need it
         plots = ()
     assert main(["report", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(report),

@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from .errors import L2BError, closest
-from .meta import META_GRADS, NORMALIZATIONS
+from .meta import META_GRADS, META_LOSSES, NORMALIZATIONS, PSEUDO_SOURCES
 from .registry import DATA_FORMATS, DATASETS, METHODS, MODELS, Registry
 
 __all__ = ["Config", "option", "make_config", "validate", "load_yaml", "save_yaml", "options_markdown",
@@ -103,8 +103,9 @@ class Config:
                                 "warm-up)", low=0, group="optimisation")
     batch_size: int = option(128, "noisy images per step (n: the sums over i in eq. 5-10); global under data "
                              "parallelism", low=1, group="optimisation")
-    val_batch_size: int = option(100, "clean images per meta step (m: the clean loss of the meta objective is "
-                                 "their mean)", low=1, group="optimisation")
+    val_batch_size: int = option(100, "clean images per meta step (m: the clean batch of the meta objective's loss G); "
+                                 "0 = the training batch size (m = n, as the published code draws it)", low=0,
+                                 group="optimisation")
     lr: float = option(0.05, "initial learning rate of the look-ahead and the real step, cosine-decayed to 0; it "
                        "scales the raw weights, so it matters under softmax/sigmoid, not under sum", low=0.0,
                        low_open=True, group="optimisation")
@@ -120,6 +121,14 @@ class Config:
                             methods=META_METHODS, group="meta-weights")
     temperature: float = option(10.0, "softmax temperature T of eq. 14", low=0.0, low_open=True,
                                 methods=META_METHODS, group="meta-weights")
+    meta_loss: str = option("mean", "clean loss G of the meta objective over the m clean images: mean (Algorithm 1, "
+                            "the published code) or sum (eq. 7); sum scales the raw weights by m, which cancels "
+                            "under sum normalisation and sharpens softmax/sigmoid", choices=META_LOSSES,
+                            methods=META_METHODS, group="meta-weights")
+    pseudo_from: str = option("train", "pseudo-labels p_i (eq. 1): argmax of the real forward's train-mode logits "
+                              "(batch statistics, the published code) or of an eval-mode forward (running "
+                              "statistics, no gradient); g_i uses the train-mode logits either way",
+                              choices=PSEUDO_SOURCES, methods=META_METHODS, group="meta-weights")
     meta_grad: str = option("exact", "meta-gradient: exact (forward-mode JVP) or fd (finite difference along v: "
                             "faster, approximate)", choices=META_GRADS, methods=META_METHODS, group="meta-weights")
     meta_set: str = option("clean", "meta set of the meta-weights: clean (the clean set) or pseudo (confident "
@@ -177,6 +186,11 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def clean_batch_size(self) -> int:
+        """m, the clean images per meta step: ``val_batch_size``, or ``batch_size`` where that is 0."""
+        return self.val_batch_size or self.batch_size
 
 
 # Names people write for our keys, from other tools' configs: an exact table beats edit distance here

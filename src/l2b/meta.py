@@ -4,7 +4,8 @@ docs/METHOD.md maps every equation of the method to the lines below and lists wh
 the published implementation rather than the paper's text.
 
 Notation (paper -> code): theta -> the model's parameters; lambda -> the optimizer's lr; f_i = CE(z_i, y_i)
-and g_i = CE(z_i, p_i) with p_i = argmax z_i; G -> mean clean-batch cross-entropy; alpha_i, beta_i ->
+and g_i = CE(z_i, p_i) with p_i = argmax z_i; G -> clean-batch cross-entropy, the mean over the m clean images
+(Algorithm 1) or their sum (eq. 7, ``meta_loss="sum"``); alpha_i, beta_i ->
 ``MetaWeights.alpha``, ``MetaWeights.beta``.
 
 The look-ahead step is the optimizer's own update applied to grad sum_i alpha_i f_i + beta_i g_i
@@ -37,13 +38,16 @@ import torch.autograd.forward_ad as fwAD
 from torch.func import functional_call
 
 from .errors import L2BError, check_choice
-from .parallel import all_reduce_scalar, average_tensors
+from .parallel import all_reduce_scalar, average_tensors, world_size
 
-__all__ = ["MetaWeights", "meta_weights", "normalize_weights", "MODES", "NORMALIZATIONS", "META_GRADS"]
+__all__ = ["MetaWeights", "meta_weights", "normalize_weights", "MODES", "NORMALIZATIONS", "META_GRADS", "META_LOSSES",
+           "PSEUDO_SOURCES"]
 
 MODES = ("l2b", "beta0", "alpha0", "convex")
 NORMALIZATIONS = ("sum", "softmax", "sigmoid")
 META_GRADS = ("exact", "fd")  # forward-mode JVP | one-sided finite difference along v
+META_LOSSES = ("mean", "sum")  # G over the m clean images: Algorithm 1 and the published code | eq. 7
+PSEUDO_SOURCES = ("train", "eval")  # p_i from the train-mode forward (batch statistics) | an eval-mode one
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class MetaWeights:
     beta : Tensor, shape (n,)
         Weight of the pseudo-label loss g_i.
     pseudo : Tensor, shape (n,), int64
-        The pseudo-labels p_i = argmax_k z_ik, taken at the current parameters.
+        The pseudo-labels p_i = argmax_k z_ik, taken at the current parameters, from the train-mode
+        logits or, with ``pseudo_from="eval"``, from an eval-mode forward.
     raw_alpha, raw_beta : Tensor, shape (n,)
         -dG/dalpha_i and -dG/dbeta_i at alpha = beta = 0, before normalisation. They include the
         learning rate (as the published code's -grad_eps does): higher = the sample's term lowers the
@@ -85,6 +90,8 @@ def meta_weights(
     meta_grad: str = "exact",
     distributed: bool = False,
     logits: Tensor | None = None,
+    meta_loss: str = "mean",
+    pseudo_from: str = "train",
 ) -> MetaWeights:
     """Compute the L2B weights alpha, beta of a training batch (paper eq. 5-9).
 
@@ -133,6 +140,15 @@ def meta_weights(
     logits : Tensor, shape (n, K), optional
         ``model(x)`` at the current parameters in train mode, if the caller already has it (the
         real step's forward): "fd" then skips its own forward at theta. Ignored by "exact".
+    meta_loss : {"mean", "sum"}, default="mean"
+        The clean loss G over the m clean images: their mean (Algorithm 1, the published code) or
+        their sum (eq. 7). The raw weights of "sum" are m times those of "mean": the factor cancels
+        under ``normalize="sum"`` and sharpens softmax/sigmoid weights.
+    pseudo_from : {"train", "eval"}, default="train"
+        Where p_i comes from: the argmax of the train-mode logits (batch statistics, the published
+        code) or of an eval-mode forward (BatchNorm's running statistics, no dropout) of the same
+        batch without gradient, which moves no running statistics. f_i and g_i are the train-mode
+        losses either way; only the choice of p_i differs.
 
     Returns
     -------
@@ -152,6 +168,8 @@ def meta_weights(
     check_choice("mode", mode, MODES)
     check_choice("normalize", normalize, NORMALIZATIONS)
     check_choice("meta_grad", meta_grad, META_GRADS)
+    check_choice("meta_loss", meta_loss, META_LOSSES)
+    check_choice("pseudo_from", pseudo_from, PSEUDO_SOURCES)
     if not temperature > 0:
         raise L2BError(f"temperature must be > 0, got {temperature}")
     for name, labels, inputs in (("y", y, x), ("y_val", y_val, x_val)):
@@ -162,46 +180,48 @@ def meta_weights(
     reduce_direction, all_reduce = _reducers(distributed)
     raw_alpha, raw_beta, pseudo = raw_meta_weights(model, x, y, x_val, y_val, optimizer=optimizer,
                                                    reduce_direction=reduce_direction, meta_grad=meta_grad,
-                                                   logits=logits)
+                                                   logits=logits, meta_loss=meta_loss, pseudo_from=pseudo_from)
     alpha, beta = normalize_weights(raw_alpha, raw_beta, mode=mode, normalize=normalize, temperature=temperature,
                                     all_reduce=all_reduce)
     return MetaWeights(alpha, beta, pseudo, raw_alpha, raw_beta)
 
 
 def raw_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, reduce_direction=None, meta_grad="exact",
-                     logits=None):
+                     logits=None, meta_loss="mean", pseudo_from="train"):
     """(raw_alpha, raw_beta, pseudo), each (n,): the unnormalised -dG/dalpha, -dG/dbeta at 0.
 
     ``reduce_direction``, if given, is applied to the scaled clean gradient v (a dict name -> tensor)
     before the JVP; data-parallel training all-reduces it there so every rank uses the global v.
     """
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    pseudo = eval_pseudo_labels(model, x) if pseudo_from == "eval" else None
     with meta_mode(model):
-        direction = clean_direction(model, x_val, y_val, params, optimizer, reduce_direction)
+        direction = clean_direction(model, x_val, y_val, params, optimizer, reduce_direction, meta_loss=meta_loss)
         if meta_grad == "fd":
-            raw, pseudo = finite_difference_losses(model, x, y, params, direction, logits=logits)
+            raw, pseudo = finite_difference_losses(model, x, y, params, direction, logits=logits, pseudo=pseudo)
         else:
-            raw, pseudo = directional_losses(model, x, y, params, direction)
+            raw, pseudo = directional_losses(model, x, y, params, direction, pseudo=pseudo)
     return raw[0], raw[1], pseudo
 
 
 def weighted_forward(model, x, y, x_val, y_val, *, optimizer=None, mode="l2b", normalize="sum",
-                     temperature=10.0, distributed=False, wrapper=None):
+                     temperature=10.0, distributed=False, wrapper=None, meta_loss="mean", pseudo_from="train"):
     """The training step's forward: (MetaWeights, logits (n, K) with their autograd graph).
 
     Equal to ``meta_weights`` followed by ``model(x)``, one forward cheaper: the real forward (the
     one that moves BatchNorm running statistics, in the model's current mode) carries the tangent
     along v, so the same pass yields the logits to backpropagate and the 2n inner products.
     ``wrapper`` (e.g. DistributedDataParallel around ``model``) runs that real forward, so its
-    gradient hooks see the backward; the clean pass always uses ``model`` itself. ``distributed``
-    as in :func:`meta_weights`.
+    gradient hooks see the backward; the clean pass (and the eval-mode pass of ``pseudo_from="eval"``)
+    always uses ``model`` itself. ``distributed``, ``meta_loss``, ``pseudo_from`` as in :func:`meta_weights`.
     """
     reduce_direction, all_reduce = _reducers(distributed)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    pseudo = eval_pseudo_labels(model, x) if pseudo_from == "eval" else None
     with meta_mode(model):
-        direction = clean_direction(model, x_val, y_val, params, optimizer, reduce_direction)
+        direction = clean_direction(model, x_val, y_val, params, optimizer, reduce_direction, meta_loss=meta_loss)
     logits, tangent = dual_forward(model if wrapper is None else wrapper, x, params, direction)
-    raw, pseudo = loss_tangents(logits.detach(), tangent, y)
+    raw, pseudo = loss_tangents(logits.detach(), tangent, y, pseudo)
     alpha, beta = normalize_weights(raw[0], raw[1], mode=mode, normalize=normalize, temperature=temperature,
                                     all_reduce=all_reduce)
     return MetaWeights(alpha, beta, pseudo, raw[0], raw[1]), logits
@@ -214,9 +234,17 @@ def _reducers(distributed: bool):
     return average_tensors, all_reduce_scalar
 
 
-def clean_direction(model, x_val, y_val, params, optimizer, reduce_direction=None) -> dict[str, Tensor]:
-    """v = s * grad G(theta'): the clean-batch gradient at the look-ahead point, scaled per parameter."""
+def clean_direction(model, x_val, y_val, params, optimizer, reduce_direction=None, *,
+                    meta_loss="mean") -> dict[str, Tensor]:
+    """v = s * grad G(theta'): the clean-batch gradient at the look-ahead point, scaled per parameter.
+
+    G is the mean clean cross-entropy (averaged over the ranks by ``reduce_direction``); under
+    ``meta_loss="sum"`` (eq. 7) the sum, i.e. the mean times the global clean batch size m.
+    """
     shift, scale = lookahead_affine(params, optimizer)
+    if meta_loss == "sum":
+        m = len(y_val) * world_size()  # every rank holds an equal share of the clean batch
+        scale = {n: s * m for n, s in scale.items()}
     theta_prime = {n: p.detach() - shift[n] for n, p in params.items()}
     direction, _ = scaled_clean_gradient(model, x_val, y_val, theta_prime, scale)
     return reduce_direction(direction) if reduce_direction is not None else direction
@@ -248,24 +276,42 @@ def dual_forward(model, x, params, direction) -> tuple[Tensor, Tensor]:
     return logits, tangent.detach()
 
 
-def loss_tangents(logits: Tensor, tangent: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-    """Tangents of f_i = CE(z_i, y_i) and g_i = CE(z_i, p_i), p_i = argmax z_i: ((2, n), pseudo (n,)).
+def loss_tangents(logits: Tensor, tangent: Tensor, y: Tensor, pseudo: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Tangents of f_i = CE(z_i, y_i) and g_i = CE(z_i, p_i): ((2, n), pseudo (n,)).
 
-    d CE(z, c) = <softmax(z) - onehot(c), dz>, so no forward-mode pass through the loss is needed.
+    p_i = argmax z_i unless ``pseudo`` (n,) is given. d CE(z, c) = <softmax(z) - onehot(c), dz>, so
+    no forward-mode pass through the loss is needed.
     """
     probs = torch.softmax(logits, dim=1)  # (n, K)
-    pseudo = probs.argmax(dim=1)  # an index: no gradient flows through the choice
+    if pseudo is None:
+        pseudo = probs.argmax(dim=1)  # an index: no gradient flows through the choice
     expected = (probs * tangent).sum(dim=1)  # (n,)
     f = expected - tangent.gather(1, y[:, None])[:, 0]
     g = expected - tangent.gather(1, pseudo[:, None])[:, 0]
     return torch.stack([f, g]), pseudo
 
 
-def directional_losses(model, x, y, params, direction):
+def directional_losses(model, x, y, params, direction, pseudo=None):
     """JVP of the per-sample losses (f, g) along ``direction``: returns ((2, n) tangents, pseudo)."""
     with torch.no_grad():
         logits, tangent = dual_forward(model, x, params, direction)
-    return loss_tangents(logits, tangent, y)
+    return loss_tangents(logits, tangent, y, pseudo)
+
+
+def eval_pseudo_labels(model: nn.Module, x: Tensor) -> Tensor:
+    """(n,) argmax of an eval-mode forward (running statistics, no dropout) without gradient.
+
+    Eval-mode BatchNorm reads its running statistics and leaves them alone; every module's mode is
+    restored afterwards.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(x).argmax(dim=1)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _per_sample_losses(logits: Tensor, y: Tensor, pseudo: Tensor) -> Tensor:
@@ -274,14 +320,15 @@ def _per_sample_losses(logits: Tensor, y: Tensor, pseudo: Tensor) -> Tensor:
     return torch.stack([F.cross_entropy(logits, y, reduction="none"), F.cross_entropy(logits, pseudo, reduction="none")])
 
 
-def finite_difference_losses(model, x, y, params, direction, *, logits=None):
+def finite_difference_losses(model, x, y, params, direction, *, logits=None, pseudo=None):
     """One-sided finite difference of the per-sample losses along ``direction`` (an approximation).
 
     Returns ((2, n) estimates of <grad f_i, v>, <grad g_i, v>, pseudo), from
     (f(theta + h v) - f(theta)) / h. The step h = sqrt(eps) * ||theta|| / ||v||, with eps the
     machine epsilon of the forward's precision (autocast's dtype when autocast is on): a relative
     move of sqrt(eps) balances the truncation error (O(h)) against rounding (O(eps / h)).
-    ``logits`` (n, K) at theta, in train mode, saves the forward at theta (the real step has it).
+    ``logits`` (n, K) at theta, in train mode, saves the forward at theta (the real step has it);
+    ``pseudo`` (n,) replaces their argmax as p_i.
     BatchNorm uses batch statistics and leaves running statistics alone (the caller's meta_mode).
     """
     with torch.no_grad():
@@ -289,7 +336,7 @@ def finite_difference_losses(model, x, y, params, direction, *, logits=None):
         if logits is None:
             logits = functional_call(model, primal, (x,))
         logits = logits.detach()
-        pseudo = logits.argmax(dim=1)
+        pseudo = logits.argmax(dim=1) if pseudo is None else pseudo
         base = _per_sample_losses(logits, y, pseudo)  # (2, n)
         norm_theta = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.float()) for p in primal.values()]))
         norm_v = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in direction.values()]))

@@ -29,8 +29,22 @@ def sgd_lookahead(theta, grads, group_and_buf):
     return out
 
 
-def reference_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, mode="l2b", normalize="sum", temperature=10.0):
+def reference_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, mode="l2b", normalize="sum", temperature=10.0,
+                           meta_loss="mean", pseudo_from="train"):
+    """(alpha, beta, pseudo, raw_alpha, raw_beta) as :func:`l2b.meta_weights` defines them, the slow way.
+
+    ``meta_loss`` is the reduction of the clean loss G ("mean" or "sum"); ``pseudo_from="eval"``
+    takes p_i from an eval-mode forward (the model's modes are restored).
+    """
     named = dict(model.named_parameters())
+    eval_pseudo = None
+    if pseudo_from == "eval":
+        modes = [(m, m.training) for m in model.modules()]
+        model.eval()
+        with torch.no_grad():
+            eval_pseudo = model(x).argmax(1)
+        for m, training in modes:
+            m.training = training
 
     def group_and_buf(name):
         if optimizer is None:
@@ -42,7 +56,7 @@ def reference_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, mode="l
     with meta_mode(model):
         theta = {n: p.detach().clone().requires_grad_(True) for n, p in named.items()}
         logits = functional_call(model, theta, (x,))
-        pseudo = logits.detach().argmax(1)
+        pseudo = logits.detach().argmax(1) if eval_pseudo is None else eval_pseudo
         eps_a = torch.zeros(len(y), dtype=logits.dtype, device=logits.device, requires_grad=True)
         eps_b = torch.zeros(len(y), dtype=logits.dtype, device=logits.device, requires_grad=True)
         loss = (eps_a * F.cross_entropy(logits, y, reduction="none")).sum() + (
@@ -50,7 +64,7 @@ def reference_meta_weights(model, x, y, x_val, y_val, *, optimizer=None, mode="l
         ).sum()
         grads = dict(zip(theta, torch.autograd.grad(loss, list(theta.values()), create_graph=True)))
         theta_hat = sgd_lookahead(theta, grads, group_and_buf)
-        clean = F.cross_entropy(functional_call(model, theta_hat, (x_val,)), y_val)
+        clean = F.cross_entropy(functional_call(model, theta_hat, (x_val,)), y_val, reduction=meta_loss)
         ga, gb = torch.autograd.grad(clean, [eps_a, eps_b])
     raw_a, raw_b = -ga.detach(), -gb.detach()
     alpha, beta = normalize_weights(raw_a, raw_b, mode=mode, normalize=normalize, temperature=temperature)

@@ -101,7 +101,7 @@ class L2BClassifier(*_BASES):
     method : str, default="l2b"
         Any ``l2b train --method``.
     epochs, warmup_epochs, lr, batch_size, val_batch_size, momentum, weight_decay, grad_clip,
-    normalize, temperature, augment :
+    normalize, temperature, meta_loss, pseudo_from, augment :
         As the ``l2b train`` flags of the same names.
     meta_set : {"auto", "clean", "pseudo"}, default="auto"
         Where the meta-gradient's batches come from: ``clean`` needs ``X_val, y_val`` in ``fit``;
@@ -142,13 +142,14 @@ class L2BClassifier(*_BASES):
 
     def __init__(self, module=None, *, method="l2b", epochs=20, warmup_epochs=1, lr=0.05, batch_size=128,
                  val_batch_size=100, momentum=0.9, weight_decay=5e-4, grad_clip=5.0, normalize="sum",
-                 temperature=10.0, augment=False, meta_set="auto", pseudo_size=1000, meta_confidence=0.0,
+                 temperature=10.0, meta_loss="mean", pseudo_from="train", augment=False, meta_set="auto", pseudo_size=1000, meta_confidence=0.0,
                  meta_refresh=1, random_state=0, device="auto", run_dir=None, verbose=False):
         # sklearn convention: store the parameters verbatim, validate in fit
         self.module, self.method, self.epochs, self.warmup_epochs = module, method, epochs, warmup_epochs
         self.lr, self.batch_size, self.val_batch_size = lr, batch_size, val_batch_size
         self.momentum, self.weight_decay, self.grad_clip = momentum, weight_decay, grad_clip
         self.normalize, self.temperature, self.augment = normalize, temperature, augment
+        self.meta_loss, self.pseudo_from = meta_loss, pseudo_from
         self.meta_set, self.pseudo_size = meta_set, pseudo_size
         self.meta_confidence, self.meta_refresh = meta_confidence, meta_refresh
         self.random_state, self.device, self.run_dir, self.verbose = random_state, device, run_dir, verbose
@@ -259,7 +260,8 @@ class L2BClassifier(*_BASES):
             "warmup_epochs": self.warmup_epochs, "batch_size": self.batch_size,
             "val_batch_size": self.val_batch_size, "lr": self.lr, "momentum": self.momentum,
             "weight_decay": self.weight_decay, "grad_clip": self.grad_clip, "normalize": self.normalize,
-            "temperature": self.temperature, "meta_set": meta_set, "pseudo_size": self.pseudo_size,
+            "temperature": self.temperature, "meta_loss": self.meta_loss, "pseudo_from": self.pseudo_from,
+            "meta_set": meta_set, "pseudo_size": self.pseudo_size,
             "meta_confidence": self.meta_confidence, "meta_refresh": self.meta_refresh,
             "seed": self.random_state, "device": self.device, "out": str(out),
             "log": "auto" if self.run_dir else "none",  # no event files in a folder deleted after fit()

@@ -6,8 +6,9 @@ Outputs (in ``out``): ``report.md`` (Markdown tables), ``results.csv`` (one row 
 setting), ``sample_groups.csv`` (where the meta-weights go: clean/flipped samples by the final prediction,
 from the runs that kept ``per_sample.csv``) and, with matplotlib, ``fig2_test_acc.png`` (test accuracy per epoch, paper
 Fig. 2), ``fig3_normalize.png`` (normalisations compared, Fig. 3), ``fig4_weights.png`` (mean alpha and
-beta of clean vs flipped samples over training, Fig. 4) and ``table9_time.png`` (seconds per epoch,
-Table 9).
+beta of clean vs flipped samples over training, Fig. 4), ``fig4_auroc.png`` (per epoch, the AUROC of
+alpha, beta, alpha + beta and beta - alpha as scores for "flipped") and ``table9_time.png`` (seconds per
+epoch, Table 9).
 """
 
 from __future__ import annotations

@@ -42,7 +42,9 @@ class MetaReweight:
     """L2B (Zhou et al. 2022, Algorithm 1) and its ablations (Table 7), one step:
 
     alpha, beta = meta_weights(...)  (eq. 5-9); loss = sum_i alpha_i f_i + beta_i g_i  (eq. 10),
-    on the same batch; the real forward is the only one that moves BatchNorm running statistics.
+    on the same batch; the real forward is the only one that moves BatchNorm running statistics. The
+    pseudo-labels p_i of g_i are ``w.pseudo``: the argmax of the real forward, or of an eval-mode
+    forward under ``pseudo_from="eval"``; g_i itself is always on the real forward's logits.
     Under ``mode="convex"`` each sample's pair sums to one, so the batch loss is their mean: the
     bootstrapping loss with a learned per-sample mix (Appendix B.1). ``l2rw`` is mode "beta0".
     The trainer supplies the rest of Algorithm 1: warm-up with cross-entropy, clipping, the update.
@@ -52,6 +54,8 @@ class MetaReweight:
     mode: str
     normalize: str = "sum"
     temperature: float = 10.0
+    meta_loss: str = "mean"  # the clean loss G over the clean batch: mean (Algorithm 1) or sum (eq. 7)
+    pseudo_from: str = "train"  # p_i from the real (train-mode) forward or an eval-mode one
     uses_meta_set: bool = True
     trains_on_clean: bool = False
     warmup_with_ce: bool = True
@@ -60,7 +64,8 @@ class MetaReweight:
         x_val, y_val = ctx.next_clean()
         module = ctx.module or model  # the meta passes never go through DDP / torch.compile
         options = dict(optimizer=ctx.optimizer, mode=self.mode, normalize=self.normalize,
-                       temperature=self.temperature, distributed=ctx.world_size > 1)
+                       temperature=self.temperature, distributed=ctx.world_size > 1, meta_loss=self.meta_loss,
+                       pseudo_from=self.pseudo_from)
         if ctx.fuse_forward and ctx.meta_grad == "exact":
             # meta_weights(...) and the real forward model(x) in one pass (through DDP's wrapper if any)
             w, logits = weighted_forward(module, x, y, x_val, y_val, wrapper=model, **options)
@@ -83,8 +88,9 @@ class MetaReweight:
 
 
 def _meta_factory(name: str, mode: str):
-    def build(normalize: str = "sum", temperature: float = 10.0, **_):
-        return MetaReweight(name, mode, normalize, temperature)
+    def build(normalize: str = "sum", temperature: float = 10.0, meta_loss: str = "mean", pseudo_from: str = "train",
+              **_):
+        return MetaReweight(name, mode, normalize, temperature, meta_loss=meta_loss, pseudo_from=pseudo_from)
 
     build.__doc__ = f"`{name}`: meta-reweighting with mode={mode!r}."
     return build

@@ -31,7 +31,7 @@ from ..parallel import agree_on_step, all_gather_columns
 from ..runfiles import per_sample_table, write_table
 from .checkpoint import atomic_save, safe_load, write_atomically
 from .outputs import (accumulate_weight_hist, accumulate_weight_stats, accuracy_counts, keep_history, run_plan,
-                      summarize, train_accuracies, weight_means)
+                      summarize, train_accuracies, weight_aurocs, weight_means)
 from .setup import Run, start_run
 from .state import CyclingBatches
 from .update import accuracy_and_loss, cosine_lr, evaluate, optimizer_step
@@ -135,7 +135,7 @@ def _begin_epoch(run: Run) -> tuple[Method, Tensor]:
     if (run.method.uses_meta_set and cfg.meta_set == "pseudo" and st.batch == 0
             and epoch >= cfg.warmup_epochs and (epoch - cfg.warmup_epochs) % cfg.meta_refresh == 0):
         st.meta_idx = _pseudo_meta_set(cfg, run.model, run.td, epoch)
-        run.clean_source = CyclingBatches(len(st.meta_idx), cfg.val_batch_size,
+        run.clean_source = CyclingBatches(len(st.meta_idx), cfg.clean_batch_size,
                                           torch.Generator().manual_seed(cfg.seed + 2 + epoch))
     if st.perm is None:
         n_train = len(run.td.y_observed)
@@ -205,6 +205,7 @@ def _record_weights(run: Run, idx: Tensor, y: Tensor, result) -> None:
         log.info("epoch %d, step %d: all meta-weights are zero", run.state.epoch + 1, run.state.step)
     if run.td.flipped is not None:
         accumulate_weight_stats(run.state.weight_stats, run.td.flipped[idx].cpu(), alpha.cpu(), beta.cpu())
+        run.state.add_epoch_weights(len(run.td.y_observed), idx, alpha, beta)
     accumulate_weight_hist(run.state.weight_hist, run.state.weight_moments, alpha, beta)
 
 
@@ -237,6 +238,8 @@ def _end_epoch(run: Run, policy: Method, t0: float, progress: bool, force_checkp
     if run.method.uses_meta_set and policy is run.method:
         line["zero_weight_batches"] = st.zero_weight_batches
         line.update(weight_means(st.weight_stats))
+        if td.flipped is not None:  # where the truth is known: do the weights single out the flipped samples?
+            line.update(weight_aurocs(st.epoch_weights, td.flipped))
         if st.meta_idx is not None:
             line["meta_size"] = len(st.meta_idx)
     st.metrics.append(line)

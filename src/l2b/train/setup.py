@@ -219,7 +219,7 @@ def _set_up(cfg, resume, data, model, resume_anyway: bool, claim: _Claim) -> Run
         cfg=cfg, method=method, td=td, out=out, dist=dist_info, device=device, model=model, train_model=model,
         optimizer=optimizer, scaler=torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
         order_gen=order_gen, aug_gen=order_gen,
-        clean_source=CyclingBatches(len(td.y_clean), cfg.val_batch_size, torch.Generator().manual_seed(cfg.seed + 2)),
+        clean_source=CyclingBatches(len(td.y_clean), cfg.clean_batch_size, torch.Generator().manual_seed(cfg.seed + 2)),
         records=SampleRecords(n_train, device), state=LoopState(),
         # the last partial batch is dropped (BatchNorm needs > 1); or a fixed number of class-balanced batches
         steps_per_epoch=cfg.balanced_batches or n_train // batch_size, batch_size=batch_size, fingerprint=fingerprint,
@@ -274,7 +274,7 @@ def restore(run: Run, saved: dict) -> None:
         raise ValueError(f"position epoch={st.epoch!r}, step={st.step!r}, batch={st.batch!r} is not a point of this run")
     if run.state.meta_idx is not None:  # the cycling source walks the pseudo meta set
         run.state.meta_idx = run.state.meta_idx.to(run.device)
-        run.clean_source = CyclingBatches(len(run.state.meta_idx), run.cfg.val_batch_size, torch.Generator())
+        run.clean_source = CyclingBatches(len(run.state.meta_idx), run.cfg.clean_batch_size, torch.Generator())
         run.clean_source.load_state_dict(saved["clean_source"])
     if run.dist.is_main:
         write_metrics(run.out, run.state.metrics)  # drop lines of an epoch that had not reached its checkpoint

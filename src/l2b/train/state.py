@@ -44,14 +44,30 @@ class LoopState:
                                                                      dtype=torch.float64))
     weight_moments: Tensor = field(default_factory=lambda: torch.tensor([[math.inf, -math.inf, 0.0, 0.0]] * 2,
                                                                         dtype=torch.float64))
+    # (3, N) per training sample, this epoch's meta steps only (SampleRecords sums over the run): rows
+    # alpha sum, beta sum (each times the batch size), steps counted; None until the epoch's first meta step
+    epoch_weights: Tensor | None = None
 
     def next_epoch(self) -> None:
         """Count the epoch as finished and reset the per-epoch fields."""
         fresh = LoopState()
         self.epoch += 1
         for name in ("batch", "perm", "loss_sum", "skipped", "zero_weight_batches", "epoch_seconds", "weight_stats",
-                     "train_counts", "weight_hist", "weight_moments"):
+                     "train_counts", "weight_hist", "weight_moments", "epoch_weights"):
             setattr(self, name, getattr(fresh, name))
+
+    def add_epoch_weights(self, n: int, idx: Tensor, alpha: Tensor, beta: Tensor) -> None:
+        """Add a step's weights to ``epoch_weights``: sample indices into the N training samples, and (b,) weights.
+
+        ``index_add_`` counts an index that appears twice in one batch twice (class-balanced batches
+        may repeat a sample), where ``t[idx] += w`` would keep only one of them.
+        """
+        if self.epoch_weights is None:
+            self.epoch_weights = torch.zeros(3, n, dtype=torch.float64)
+        idx = idx.cpu()
+        rows = torch.stack([alpha.detach().double().cpu() * len(idx), beta.detach().double().cpu() * len(idx),
+                            torch.ones(len(idx), dtype=torch.float64)])
+        self.epoch_weights.index_add_(1, idx, rows)
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
