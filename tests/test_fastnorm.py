@@ -214,3 +214,28 @@ def test_swapped_forwards_are_restored_and_others_left_alone():
     with pytest.raises(RuntimeError), fast_tangents(net):
         raise RuntimeError("restored on error too")
     assert "forward" not in vars(net[0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("amp,channels_last", [(None, False), (torch.bfloat16, True), (torch.float16, False)])
+def test_fused_forward_on_cuda_matches_the_generic_rules(amp, channels_last):
+    # cuDNN BatchNorm (its saved statistics and reserve space feed the tangent), autocast, NHWC
+    torch.manual_seed(9)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    fast = create_model("preact-resnet18", num_classes=5, width=8).cuda().to(memory_format=layout)
+    generic = copy.deepcopy(fast)
+    x = torch.randn(32, 3, 16, 16, device="cuda").contiguous(memory_format=layout)
+    direction = {n: 1e-2 * torch.randn_like(p) for n, p in fast.named_parameters()}
+    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+        logits, tangent = dual_forward(fast, x, dict(fast.named_parameters()), direction)
+        with native_tangents():
+            want, want_t = dual_forward(generic, x, dict(generic.named_parameters()), direction)
+    tol = 1e-4 if amp is None else 3e-2
+    assert torch.allclose(logits, want, rtol=tol, atol=tol * float(want.abs().max()))
+    assert float((tangent.float() - want_t.float()).norm() / want_t.float().norm()) < tol
+    logits.float().square().sum().backward()
+    want.float().square().sum().backward()
+    for (n, p), q in zip(fast.named_parameters(), generic.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=tol, atol=tol * float(q.grad.abs().max())), n
+    for a, b in zip(fast.buffers(), generic.buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=tol, atol=tol)
