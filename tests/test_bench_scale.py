@@ -1,14 +1,59 @@
-import pytest
+import sys
 
-from l2b import L2BError
-from l2b.apps.bench import bench_epoch, bench_step, bench_weights
+import pytest
+import torch
+import torch.nn.functional as F
+
+from l2b import L2BError, create_model, meta_weights
+from l2b.apps import bench
+from l2b.apps.bench import bench_epoch, bench_step, bench_weights, format_step_table, higher_meta_weights
 
 
 def test_bench_step_reports_fd_and_amp():
-    r = bench_step(batch_size=8, val_batch_size=4, image_shape=(1, 8, 8), steps=1, warmup=0, amp="bf16",
+    r = bench_step(batch_size=8, val_batch_size=4, image_shape=(1, 8, 8), steps=2, warmup=0, amp="bf16",
                    channels_last=True, reference=False)
-    assert set(r["seconds"]) == {"ce", "l2b_exact", "l2b_fd"} and r["amp"] == "bf16"
-    assert all(v > 0 for v in r["seconds"].values())
+    assert set(r["seconds"]) == {"ce", "l2b_exact", "l2b_exact_generic", "l2b_unfused", "l2b_fd"}
+    assert r["amp"] == "bf16" and r["l2b_over_reference"] is None and r["l2b_over_peer"] is None
+    assert all(0 < r["min_seconds"][k] <= v for k, v in r["seconds"].items())
+    assert set(r["components"]) == {"forward", "forward_backward", "clean_pass", "dual_forward",
+                                    "dual_forward_generic"}
+    # the floor is assembled from the components: a CE step plus a clean pass plus a backward
+    assert r["floor_seconds"] > 0 and r["floor_ratio_to_ce"] > 1
+    assert "floor of an exact step" in format_step_table(r)
+
+
+def test_the_peer_recipe_computes_the_same_weights_as_l2b():
+    # `--peer higher` times the published recipe; it must compute what l2b computes, or the ratio means nothing
+    pytest.importorskip("higher")
+    torch.manual_seed(0)
+    net = create_model("small-cnn", num_classes=4, in_channels=2, width=4).double()
+    x, y = torch.randn(12, 2, 8, 8, dtype=torch.double), torch.randint(0, 4, (12,))
+    xv, yv = torch.randn(10, 2, 8, 8, dtype=torch.double), torch.randint(0, 4, (10,))
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-3)
+    for _ in range(2):  # momentum buffers exist
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    want = meta_weights(net, x, y, xv, yv, optimizer=opt)
+    alpha, beta, pseudo = higher_meta_weights(net, opt, x, y, xv, yv)
+    assert torch.equal(pseudo, want.pseudo)
+    assert torch.allclose(alpha, want.alpha, atol=1e-10) and torch.allclose(beta, want.beta, atol=1e-10)
+
+
+def test_peer_without_its_package_and_unknown_peers_are_refused(monkeypatch):
+    monkeypatch.setattr(bench, "has_higher", False)
+    with pytest.raises(L2BError, match="pip install higher"):
+        bench_step(batch_size=8, val_batch_size=4, image_shape=(1, 8, 8), steps=1, peer="higher")
+    with pytest.raises(L2BError, match="--peer must be one of higher"):
+        bench_step(batch_size=8, val_batch_size=4, image_shape=(1, 8, 8), steps=1, peer="maml")
+
+
+def test_peak_memory_of_one_step_is_measured_in_a_fresh_process():
+    config = dict(model="small-cnn", batch_size=64, val_batch_size=32, image_shape=[1, 16, 16], num_classes=10,
+                  device="cpu", amp="off", channels_last=False, seed=0, kind="l2b_exact")
+    peak = bench._peak_memory_in_child(config)
+    if sys.platform == "linux":  # elsewhere there is no /proc/self/clear_refs to reset the peak with
+        assert 1 < peak < 500  # the step's activations (a few MiB), not the process's whole footprint
 
 
 def test_bench_epoch_counts_whole_batches():

@@ -132,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench.add_subparsers(dest="bench_command", parser_class=_Parser)
-    for name, text in (("step", "step-time ratios: plain CE, L2B exact, L2B fd, double-backward reference"),
+    for name, text in (("step", "step-time ratios: plain CE, L2B exact (fused, generic rules, unfused), L2B fd, "
+                                "double-backward reference, the floor"),
                        ("epoch", "images/second of a whole epoch per method on random data, and the data cost"),
                        ("weights", "agreement of bf16/fp16 and fd meta-weights with exact float32 ones")):
         b = bench_sub.add_parser(name, help=text)
@@ -147,6 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
             b.add_argument("--channels-last", action="store_true", help="NHWC layout for model and inputs")
     bench_sub.choices["step"].add_argument("--steps", type=int, default=20, help="timed steps per kind (median)")
     bench_sub.choices["step"].add_argument("--no-reference", action="store_true", help="skip the slow double backward")
+    bench_sub.choices["step"].add_argument("--peer", choices=["higher"], default=None,
+                                           help="add the published recipe's step (needs the package)")
+    bench_sub.choices["step"].add_argument("--memory", action="store_true",
+                                           help="peak memory of one step per kind, each in a fresh process")
     bench_sub.choices["epoch"].add_argument("--num-images", type=int, default=10000, help="images per epoch")
     bench_sub.choices["epoch"].add_argument(
         "--methods", default="ce,l2b_exact,l2b_fd",
@@ -435,7 +440,7 @@ def _bench(args) -> int:
                   image_shape=shape, device=args.device, amp=args.amp)
     if args.bench_command == "step":
         result = bench.bench_step(**common, steps=args.steps, channels_last=args.channels_last,
-                                  reference=not args.no_reference)
+                                  reference=not args.no_reference, peer=args.peer, memory=args.memory)
         table = bench.format_step_table
     elif args.bench_command == "epoch":
         result = bench.bench_epoch(**common, num_images=args.num_images, channels_last=args.channels_last,

@@ -39,6 +39,7 @@ from torch.func import functional_call
 
 from .errors import L2BError, check_choice
 from .parallel import all_reduce_scalar, average_tensors, world_size
+from .fastnorm import fast_tangents
 
 __all__ = ["MetaWeights", "meta_weights", "normalize_weights", "MODES", "NORMALIZATIONS", "META_GRADS", "META_LOSSES",
            "PSEUDO_SOURCES"]
@@ -270,7 +271,7 @@ def dual_forward(model, x, params, direction) -> tuple[Tensor, Tensor]:
     wrap the module that ``params`` are named after (DDP's "module." prefix): they are matched by identity.
     """
     names = {id(p): n for n, p in model.named_parameters()}
-    with fwAD.dual_level():
+    with fwAD.dual_level(), fast_tangents(model):  # closed-form tangents of BatchNorm, conv, linear
         dual = {names[id(p)]: fwAD.make_dual(p, direction[n]) for n, p in params.items()}
         logits, tangent = fwAD.unpack_dual(functional_call(model, dual, (x,)))
     return logits, tangent.detach()

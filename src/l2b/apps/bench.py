@@ -1,8 +1,13 @@
 """`l2b bench step | epoch | weights | data | ddp`.
 
-``step``: per-step cost of plain CE, the exact L2B step, the finite-difference L2B step and the
-double-backward reference. The steps run interleaved in one process on the same model and batches,
-so machine noise hits them alike; the ratios, not the absolute times, are the result.
+``step``: per-step cost of plain CE, the exact L2B step (fused as the trainer runs it, with the fast
+tangent rules of :mod:`l2b.fastnorm` and with PyTorch's generic ones, and unfused), the
+finite-difference L2B step, the double-backward reference and, with ``peer="higher"``, the published
+recipe (a ``higher``-based double backward); plus the components an exact step is made of, from
+which it prints the floor of an exact step. The steps run interleaved in one process on the same
+model and batches, so machine noise hits them alike; the ratios, not the absolute times, are the
+result: each kind's ratio to CE is the median of its per-round ratios (paired). With ``memory`` each
+kind's peak memory over one step is measured in a fresh process.
 
 ``epoch``: images per second of a whole training epoch per method (plain CE, L2B exact, L2B fd, or
 any registered method by name: l2rw, mlc, mwnet, ...) over random data of a given shape held on the
@@ -21,23 +26,36 @@ Every timed step is the method's own ``step`` (the trainer's code) followed by t
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from ..meta import meta_weights
+from ..meta import clean_direction, dual_forward, meta_mode, meta_weights
 from ..methods import PrepareContext, StepContext, create_method, list_methods
 from ..models import create_model
 from ..data.arrays import DeviceImages
 from ..errors import L2BError
 from ..reference import reference_meta_weights
+from ..fastnorm import native_tangents
+
+try:
+    import higher
+
+    has_higher = True
+except ImportError:
+    has_higher = False
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PEERS = ("higher",)
 
 
 def _sync(device: torch.device) -> None:
@@ -68,12 +86,13 @@ def _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, 
         scaler.step(opt)
         scaler.update()
 
-    def method_step(name: str, meta_grad: str = "exact"):
+    def method_step(name: str, meta_grad: str = "exact", fuse: bool = True, generic: bool = False):
         method = create_method(name)
 
         def step(x, y, xv, yv):  # as the trainer does it (the L2B family: the real forward carries the tangent)
-            ctx = StepContext(opt, lambda: (xv, yv), 1, num_classes, module=net, meta_grad=meta_grad)
-            with autocast():
+            ctx = StepContext(opt, lambda: (xv, yv), 1, num_classes, module=net, meta_grad=meta_grad,
+                              fuse_forward=fuse)
+            with autocast(), native_tangents() if generic else contextlib.nullcontext():
                 loss = method.step(net, x, y, ctx).loss
             finish(loss)
 
@@ -88,29 +107,121 @@ def _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, 
                     + beta * F.cross_entropy(logits, pseudo, reduction="none")).sum()
         finish(loss)
 
+    def peer_step(x, y, xv, yv):
+        with autocast():
+            alpha, beta, pseudo = higher_meta_weights(net, opt, x, y, xv, yv)
+            logits = net(x)
+            loss = (alpha * F.cross_entropy(logits, y, reduction="none")
+                    + beta * F.cross_entropy(logits, pseudo, reduction="none")).sum()
+        finish(loss)
+
     kinds = {"ce": method_step("ce"), "l2b_exact": method_step("l2b"), "l2b_fd": method_step("l2b", "fd"),
-             "reference_double_backward": reference_step}
-    return dev, net, layout, kinds, method_step
+             "reference_double_backward": reference_step,
+             # not in `l2b bench epoch`'s default list: the same exact step by other routes
+             "l2b_exact_generic": method_step("l2b", generic=True), "l2b_unfused": method_step("l2b", fuse=False),
+             "peer_higher": peer_step}
+    env = SimpleNamespace(net=net, opt=opt, scaler=scaler, autocast=autocast, dev=dev)
+    return dev, net, layout, kinds, method_step, env
+
+
+def higher_meta_weights(net, opt, x, y, xv, yv):
+    """The published recipe's weights (the official L2B main.py, with ``higher``): (alpha, beta, pseudo).
+
+    A monkeypatched copy of the model takes one differentiable SGD step (the optimizer's own
+    settings and momentum buffers) on sum_i eps_i f_i + eps'_i g_i at eps = eps' = 0, forwards the
+    clean batch, and -d(clean loss)/d(eps, eps') clamped at 0 and divided by their joint sum are the
+    weights. Its forwards run in the model's mode (train: batch statistics, and the running
+    statistics move three times per step, as in the published code).
+    """
+    if not has_higher:
+        raise L2BError("--peer higher needs the `higher` package: pip install higher")
+    with higher.innerloop_ctx(net, opt) as (fnet, diffopt):
+        logits = fnet(x)
+        pseudo = logits.detach().argmax(1)
+        eps = torch.zeros(len(y), dtype=logits.dtype, device=logits.device, requires_grad=True)
+        eps_p = torch.zeros(len(y), dtype=logits.dtype, device=logits.device, requires_grad=True)
+        diffopt.step((eps * F.cross_entropy(logits, y, reduction="none")).sum()
+                     + (eps_p * F.cross_entropy(logits, pseudo, reduction="none")).sum())
+        grad_eps, grad_eps_p = torch.autograd.grad(F.cross_entropy(fnet(xv), yv), (eps, eps_p))
+    w, w_p = torch.clamp(-grad_eps, min=0), torch.clamp(-grad_eps_p, min=0)
+    norm = w.sum() + w_p.sum()
+    if norm != 0:
+        w, w_p = w / norm, w_p / norm
+    return w, w_p, pseudo
+
+
+def _components(env, x, y, xv, yv):
+    """The parts an exact step is made of, each timed alone: name -> fn()."""
+    net, opt, autocast = env.net, env.opt, env.autocast
+    params = {n: p for n, p in net.named_parameters() if p.requires_grad}
+    with meta_mode(net), autocast():
+        v = {n: t.detach() for n, t in clean_direction(net, xv, yv, params, opt).items()}
+
+    def forward():  # the real forward, graph built and dropped
+        with autocast():
+            net(x)
+
+    def forward_backward():
+        with autocast():
+            loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        env.scaler.scale(loss).backward()
+
+    def clean_pass():  # v = s * grad G(theta'): the clean batch's forward and backward at the look-ahead point
+        with meta_mode(net), autocast():
+            clean_direction(net, xv, yv, params, opt)
+
+    def dual(generic=False):  # the real forward carrying the tangent, as in the fused step
+        with autocast(), native_tangents() if generic else contextlib.nullcontext():
+            dual_forward(net, x, params, v)
+
+    return {"forward": forward, "forward_backward": forward_backward, "clean_pass": clean_pass,
+            "dual_forward": dual, "dual_forward_generic": lambda: dual(generic=True)}
+
+
+def _random_batch(dev, layout, batch_size, val_batch_size, image_shape, num_classes):
+    x = torch.randn(batch_size, *image_shape, device=dev).contiguous(memory_format=layout)
+    y = torch.randint(0, num_classes, (batch_size,), device=dev)
+    xv = torch.randn(val_batch_size, *image_shape, device=dev).contiguous(memory_format=layout)
+    yv = torch.randint(0, num_classes, (val_batch_size,), device=dev)
+    return x, y, xv, yv
+
+
+STEP_KINDS = ("ce", "l2b_exact", "l2b_exact_generic", "l2b_unfused", "l2b_fd", "reference_double_backward")
 
 
 def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_size: int = 100,
                image_shape=(3, 32, 32), num_classes: int = 10, device: str = "cpu",
                steps: int = 20, warmup: int = 3, seed: int = 0, amp: str = "off",
-               channels_last: bool = False, reference: bool = True) -> dict:
-    """Median seconds per training step of each kind, and their ratios to plain CE."""
-    dev, net, layout, kinds, _ = _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, amp,
-                                        channels_last, seed)
-    if not reference:
-        kinds.pop("reference_double_backward")
-    x = torch.randn(batch_size, *image_shape, device=dev).contiguous(memory_format=layout)
-    y = torch.randint(0, num_classes, (batch_size,), device=dev)
-    xv = torch.randn(val_batch_size, *image_shape, device=dev).contiguous(memory_format=layout)
-    yv = torch.randint(0, num_classes, (val_batch_size,), device=dev)
-    kinds = {k: (lambda fn=fn: fn(x, y, xv, yv)) for k, fn in kinds.items()}
-    times = {k: [] for k in kinds}
+               channels_last: bool = False, reference: bool = True, peer: str | None = None,
+               memory: bool = False) -> dict:
+    """Seconds per training step of each kind (median, min, paired ratio to CE), the components and the floor.
+
+    Kinds: ``ce``; ``l2b_exact`` (the trainer's fused step, fast tangent rules); ``l2b_exact_generic``
+    (the same with PyTorch's generic forward-mode rules); ``l2b_unfused`` (``meta_weights``, then a
+    separate real forward); ``l2b_fd``; ``reference_double_backward`` (unless ``reference=False``);
+    ``peer_higher`` with ``peer="higher"`` (:func:`higher_meta_weights`). Every round runs each kind
+    once, then each component (forward, forward + backward, the clean pass, the dual forward with
+    either rules); ratios are medians of per-round ratios. The floor of an exact step is a CE step +
+    the clean pass + one backward (forward_backward - forward), the cost of a tangent taken to be a
+    backward's. ``memory``: each kind's peak memory over one step, in a fresh process (see
+    :func:`peak_memory_of_step`).
+    """
+    if peer is not None and peer not in PEERS:
+        raise L2BError(f"--peer must be one of {', '.join(PEERS)}, got {peer!r}")
+    if peer == "higher" and not has_higher:
+        raise L2BError("--peer higher needs the `higher` package: pip install higher")
+    dev, net, layout, all_kinds, _, env = _setup(model, batch_size, val_batch_size, image_shape, num_classes,
+                                                 device, amp, channels_last, seed)
+    names = [k for k in STEP_KINDS if reference or k != "reference_double_backward"]
+    names += [f"peer_{peer}"] if peer else []
+    batch = _random_batch(dev, layout, batch_size, val_batch_size, image_shape, num_classes)
+    kinds = {k: (lambda fn=all_kinds[k]: fn(*batch)) for k in names}
+    parts = _components(env, *batch)
+    times = {k: [] for k in (*kinds, *parts)}
     net.train()
     for i in range(warmup + steps):
-        for name, fn in kinds.items():  # interleaved: drift in machine speed hits all alike
+        for name, fn in (*kinds.items(), *parts.items()):  # interleaved: drift in machine speed hits all alike
             _sync(dev)
             t0 = time.perf_counter()
             fn()
@@ -118,8 +229,15 @@ def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_siz
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     median = {k: statistics.median(v) for k, v in times.items()}
-    return {
-        "device": str(dev),
+
+    def paired(k, base):  # median over rounds of the round's ratio
+        return statistics.median(a / b for a, b in zip(times[k], times[base]))
+
+    backward = [fb - f for fb, f in zip(times["forward_backward"], times["forward"])]
+    floor = [ce + clean + b for ce, clean, b in zip(times["ce"], times["clean_pass"], backward)]
+    floor_ratio = statistics.median(f / ce for f, ce in zip(floor, times["ce"]))
+    result = {
+        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
         "threads": torch.get_num_threads(),
         "model": model,
         "batch_size": batch_size,
@@ -128,11 +246,74 @@ def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_siz
         "steps": steps,
         "amp": amp,
         "channels_last": channels_last,
-        "seconds": median,
-        "ratio_to_ce": {k: v / median["ce"] for k, v in median.items()},
-        "l2b_over_reference": (median["l2b_exact"] / median["reference_double_backward"]
-                               if "reference_double_backward" in median else None),
+        "seconds": {k: median[k] for k in kinds},
+        "min_seconds": {k: min(times[k]) for k in kinds},
+        "ratio_to_ce": {k: paired(k, "ce") for k in kinds},
+        "components": {k: median[k] for k in parts},
+        "components_min": {k: min(times[k]) for k in parts},
+        "components_ratio_to_forward": {k: paired(k, "forward") for k in parts},
+        "floor_seconds": statistics.median(floor),
+        "floor_ratio_to_ce": floor_ratio,
+        "exact_over_floor": paired("l2b_exact", "ce") / floor_ratio,
+        "l2b_over_reference": paired("l2b_exact", "reference_double_backward") if reference else None,
+        "l2b_over_peer": paired("l2b_exact", f"peer_{peer}") if peer else None,
     }
+    if memory:
+        config = dict(model=model, batch_size=batch_size, val_batch_size=val_batch_size, image_shape=list(image_shape),
+                      num_classes=num_classes, device=device, amp=amp, channels_last=channels_last, seed=seed)
+        result["peak_memory_mib"] = {k: _peak_memory_in_child({**config, "kind": k}) for k in kinds}
+    return result
+
+
+def peak_memory_of_step(config: dict) -> float | None:
+    """MiB that one step of ``config["kind"]`` takes at its peak above what is held before it.
+
+    ``config``: the kind and :func:`bench_step`'s model, batch and device settings. Two steps run
+    first (optimizer state, allocator caches). CUDA: the peak of allocated memory; CPU: the peak
+    resident set (Linux: reset through /proc/self/clear_refs; None elsewhere), meaningful in a
+    process of its own with glibc's mmap threshold fixed, so that freed tensors go back to the
+    system (as :func:`bench_step` runs it).
+    """
+    c = config
+    dev, net, layout, kinds, _, _ = _setup(c["model"], c["batch_size"], c["val_batch_size"], tuple(c["image_shape"]),
+                                           c["num_classes"], c["device"], c["amp"], c["channels_last"], c["seed"])
+    batch = _random_batch(dev, layout, c["batch_size"], c["val_batch_size"], tuple(c["image_shape"]),
+                          c["num_classes"])
+    step = kinds[c["kind"]]
+    net.train()
+    for _ in range(2):
+        step(*batch)
+    _sync(dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        step(*batch)
+        _sync(dev)
+        return (torch.cuda.max_memory_allocated(dev) - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak resident set (VmHWM) to the current one
+        base = _proc_status_kib("VmRSS")
+        step(*batch)
+        return (_proc_status_kib("VmHWM") - base) / 1024
+    except OSError:
+        return None
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
+
+
+def _peak_memory_in_child(config: dict) -> float | None:
+    """:func:`peak_memory_of_step` in a fresh Python process (same threads, mmap threshold fixed at 64 KiB)."""
+    code = (f"import json, sys; from {__name__} import peak_memory_of_step; "
+            "print(json.dumps(peak_memory_of_step(json.loads(sys.argv[1]))))")
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(config)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise L2BError(f"the memory probe of {config['kind']!r} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _header(result: dict, extra: str) -> str:
@@ -142,11 +323,25 @@ def _header(result: dict, extra: str) -> str:
 
 
 def format_step_table(result: dict) -> str:
-    lines = [_header(result, f"median of {result['steps']} steps"), f"{'step':<28}{'ms':>10}{'x CE':>8}"]
+    memory = result.get("peak_memory_mib")
+    lines = [_header(result, f"{result['steps']} interleaved rounds"),
+             f"{'step':<28}{'median ms':>10}{'min ms':>10}{'x CE':>8}" + (f"{'peak MiB':>10}" if memory else "")]
     for k, v in result["seconds"].items():
-        lines.append(f"{k:<28}{1000 * v:>10.2f}{result['ratio_to_ce'][k]:>8.2f}")
-    if result["l2b_over_reference"] is not None:
-        lines.append(f"exact L2B / reference: {result['l2b_over_reference']:.2f}")
+        row = f"{k:<28}{1000 * v:>10.2f}{1000 * result['min_seconds'][k]:>10.2f}{result['ratio_to_ce'][k]:>8.2f}"
+        if memory:
+            row += f"{memory[k]:>10.1f}" if memory[k] is not None else f"{'n/a':>10}"
+        lines.append(row)
+    lines.append(f"floor of an exact step (CE step + clean_pass + one backward): {1000 * result['floor_seconds']:.2f} ms, "
+                 f"{result['floor_ratio_to_ce']:.2f}x CE; l2b_exact is {result['exact_over_floor']:.2f}x the floor")
+    for key, name in (("l2b_over_reference", "the double-backward reference"), ("l2b_over_peer", "the peer")):
+        if result.get(key) is not None:
+            lines.append(f"l2b_exact / {name}: {result[key]:.2f}")
+    if memory and memory.get("l2b_exact") and memory.get("l2b_unfused"):
+        lines.append(f"peak memory, fused / unfused exact step: {memory['l2b_exact'] / memory['l2b_unfused']:.2f}")
+    lines.append(f"{'component':<28}{'median ms':>10}{'min ms':>10}{'x fwd':>8}")
+    for k, v in result["components"].items():
+        lines.append(f"{k:<28}{1000 * v:>10.2f}{1000 * result['components_min'][k]:>10.2f}"
+                     f"{result['components_ratio_to_forward'][k]:>8.2f}")
     return "\n".join(lines)
 
 
@@ -168,8 +363,8 @@ def bench_epoch(*, model: str = "small-cnn", num_images: int = 10000, batch_size
     """
     if repeats < 1:
         raise L2BError(f"--repeats must be >= 1, got {repeats}")
-    dev, net, layout, kinds, method_step = _setup(model, batch_size, val_batch_size, image_shape, num_classes,
-                                                  device, amp, channels_last, seed)
+    dev, net, layout, kinds, method_step, _ = _setup(model, batch_size, val_batch_size, image_shape, num_classes,
+                                                     device, amp, channels_last, seed)
     unknown = set(methods) - set(kinds) - set(list_methods())
     if unknown:
         raise L2BError(f"unknown bench method(s) {sorted(unknown)}; choose from {', '.join(kinds)} "
@@ -254,8 +449,8 @@ def bench_weights(*, model: str = "small-cnn", batch_size: int = 128, val_batch_
     Reports Pearson correlation and sign agreement of the raw weights, and the relative L1 error
     of the normalised weights (sum |w - w_exact| / sum |w_exact|).
     """
-    dev, net, layout, _, _ = _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, "off",
-                                 False, seed)
+    dev, net, layout, _, _, _ = _setup(model, batch_size, val_batch_size, image_shape, num_classes, device, "off",
+                                       False, seed)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
     def data(n):
