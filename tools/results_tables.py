@@ -478,8 +478,6 @@ ALLOWED = {
 # sections whose numbers are not generated yet (file: headings); the check fails once one is clean, so
 # the list only shrinks
 PENDING = {
-    # the figures of `l2b bench step/weights` and benchmarks/gpu_check.sh: no JSON of theirs is committed yet
-    "README.md": ["Scale and speed"],
     # a measured ratio of raw weights (no committed file) and the noise arithmetic
     "METHOD.md": ["Where l2b follows the published code", "Noise: the published code's models"],
 }
