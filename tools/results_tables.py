@@ -205,7 +205,7 @@ def diagnosis_table() -> str:
              "flipped, a quarter in | at the last epoch |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         best = _best_val_line(r)
-        weights = [f"{m['alpha_clean']:.2f} / {m['alpha_flipped']:.2f} (epoch {m['epoch']})" if "alpha_clean" in m
+        weights = [f"{m['alpha_clean']:.2f} / {m['alpha_flipped']:.2f} (epoch {m['epoch']})" if m.get("alpha_clean") is not None
                    else "—" for m in (r.metrics[len(r.metrics) // 4 - 1], r.metrics[-1])]
         lines.append(f"| {r.summary['method']} | {setting(r)} | {best['val_acc']:.1f} ({best['epoch']}) | "
                      f"{r.summary['test_acc_best_val']:.2f} | {r.summary['test_acc_last']:.2f} | "
