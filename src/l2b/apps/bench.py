@@ -730,7 +730,7 @@ def bench_stream(*, image_sizes=(64, 224), num_images: int = 512, workers=(0, 1,
             files = ImageFiles(write_jpegs(f"{tmp}/{size}", num_images=num_images, size=size, seed=seed), size, 3)
             readers = {w: StreamingImages(files, torch.device("cpu"), torch.zeros(3), torch.ones(3), workers=w)
                        for w in workers}
-            _, _, _, kinds, _ = _setup(model, batch_size, val_batch_size, (3, size, size), 10, "cpu", "off", False,
+            _, _, _, kinds, _, _ = _setup(model, batch_size, val_batch_size, (3, size, size), 10, "cpu", "off", False,
                                        seed)
             step = kinds["l2b_exact"]
             g = torch.Generator().manual_seed(seed)
