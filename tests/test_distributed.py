@@ -1,6 +1,5 @@
 """Data parallelism on CPU with gloo: K ranks must match one process over the same global batch."""
 
-import copy
 import os
 import shutil
 import subprocess
@@ -12,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import torch.nn.functional as F
 from torch import nn
 
 import l2b
@@ -247,7 +245,8 @@ def test_ddp_sigterm_mid_epoch_with_augment_resumes_bit_identically(ddp_run, tin
     proc = subprocess.Popen([sys.executable, "-m", "l2b", "train", "--out", str(run), *_ddp_args(tiny_fmnist),
                              "--nproc", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     t0 = time.time()
-    while not (run / "checkpoint.pt").exists():  # after epoch 1: the signal lands in epoch 2's steps
+    # checkpoint.pt is written before the first step; epoch 1's own file says epoch 2's steps have begun
+    while not (run / "checkpoint-epoch0001.pt").exists():
         assert proc.poll() is None and time.time() - t0 < 240, proc.communicate()
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler's kill does

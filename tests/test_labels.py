@@ -18,7 +18,8 @@ from l2b import ImageData
 from l2b import L2BError
 from l2b import train
 from l2b.apps import labels as labels_app
-from l2b.apps.labels import accuracy_warning, auroc, cross_validated_probs, estimate_noise
+from l2b.apps.label_compare import LOGREG_CS, cross_validated_probs
+from l2b.apps.labels import accuracy_warning, auroc, estimate_noise
 from l2b.config import save_yaml
 from l2b.data.metaset import select_pseudo_meta
 from l2b.data.noise import transition_matrix
@@ -306,7 +307,7 @@ def test_compare_cleanlab_cross_validates_both_models(run, capsys):
     assert [r["name"] for r in rows] == ["l2b", "cleanlab, 3-fold logreg", "cleanlab, 3-fold small-cnn CE"]
     for r in rows:
         assert r["flipped"] == rows[0]["flipped"] and 0 <= r["f1"] <= 1 and 0 <= r["auroc"] <= 1 and r["seconds"] > 0
-    assert rows[1]["C"] in labels_app.LOGREG_CS and rows[2]["epochs"] == 2
+    assert rows[1]["C"] in LOGREG_CS and rows[2]["epochs"] == 2
 
 
 def test_logreg_probabilities_are_sklearns_out_of_fold_ones():

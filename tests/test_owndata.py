@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import yaml
 
-from l2b import L2BClassifier, L2BError, cli, make_config
+from l2b import L2BError, cli, make_config
 from l2b.config import Config
 from l2b.data.benchmarks import BENCHMARK_PRESET
 

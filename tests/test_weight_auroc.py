@@ -2,7 +2,6 @@
 and the per-epoch AUROC of the weights for flipped vs clean samples (metrics.jsonl, fig4_auroc)."""
 
 import json
-import shutil
 import signal
 
 import numpy as np

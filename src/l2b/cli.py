@@ -315,13 +315,17 @@ def _data(args) -> int:
 
 
 def _labels(args) -> int:
-    from .apps.labels import label_issues_for_run
-
     if args.cv_epochs is not None and args.cv_epochs < 1:
         raise L2BError(f"--cv-epochs must be at least 1, got {args.cv_epochs}")
-    report = label_issues_for_run(args.run_dir, threshold=args.threshold, device=args.device, folds=args.cv_folds,
-                                  compare=tuple(args.cv_model) if args.compare_cleanlab else (),
-                                  cv_epochs=args.cv_epochs)
+    if args.compare_cleanlab:
+        from .apps.label_compare import label_issues_with_cleanlab
+
+        report = label_issues_with_cleanlab(args.run_dir, compare=tuple(args.cv_model), threshold=args.threshold,
+                                            folds=args.cv_folds, cv_epochs=args.cv_epochs, device=args.device)
+    else:
+        from .apps.labels import label_issues_for_run
+
+        report = label_issues_for_run(args.run_dir, threshold=args.threshold)
     n = len(report.issues["index"])
     print(f"l2b labels: {report.rows[0]['flagged']} of {n} labels flagged in this {report.method} run ({report.rule}); "
           f"written to {report.files[0]} and {report.files[1].name}")

@@ -1,5 +1,5 @@
-"""Label issues from what a run learns: the noise estimated with the trusted set, a label-quality score,
-flags, and cleanlab on the same data for comparison.
+"""Label issues from what a run learns: the noise estimated with the trusted set, a label-quality score
+and flags (cleanlab on the same data, for comparison, is ``l2b.apps.label_compare``).
 
 Reads only run folders: ``per_sample.csv`` (see ``l2b.runfiles``), ``train_probs.npy`` and, with a
 trusted set, ``val_probs.npy`` / ``val_labels.npy``, the final model's probabilities of the training
@@ -10,20 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..config import load_yaml, make_config
-from ..data.arrays import device_images
-from ..data.sources import load_dataset
 from ..errors import L2BError, check_choice
-from ..models import create_model, predict_probs
 from ..runfiles import PER_SAMPLE, read_table, write_table
-from ..train import fit_ce
-from ..train.setup import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +30,7 @@ except ImportError:
     has_sklearn = False
 
 __all__ = ["auroc", "label_quality", "estimate_noise", "NoiseEstimate", "find_label_issues", "evaluate_issues",
-           "accuracy_warning", "cross_validated_probs", "cleanlab_issues", "label_issues_for_run", "LabelReport",
+           "accuracy_warning", "label_issues_for_run", "LabelReport",
            "posterior_right", "DEFAULT_THRESHOLD"]
 
 ISSUES = "label_issues"  # .csv (the ranked table) and .json (counts, rule, evaluation)
@@ -43,8 +38,6 @@ VAL_PROBS, VAL_LABELS = "val_probs.npy", "val_labels.npy"  # the final model on 
 DEFAULT_THRESHOLD = 0.5  # flag label_quality below this where no trusted set gives a count
 LOW_ACCURACY = 0.5  # accuracy_warning: fraction of the way from chance to a perfect model
 NEAR_CHANCE = 0.1
-LOGREG_CS = tuple(np.logspace(-4, 0, 9))  # the inverse regularisations cleanlab's logistic regression chooses from
-LOGREG_MAX_ITER = 1000
 
 
 # ---------------------------------------------------------------- the score
@@ -423,144 +416,6 @@ def evaluate_issues(flagged: np.ndarray, wrongness: np.ndarray, flipped: np.ndar
             "recall": recall, "f1": f1, "auroc": auroc(wrongness, flipped)}
 
 
-# ---------------------------------------------------------------- cleanlab, with out-of-sample probabilities
-
-CV_MODELS = {  # --cv-model name -> what the row calls it
-    "logreg": "logistic regression",
-    "model": "the run's model, plain CE",
-}
-CLEANLAB_INSTALL = "pip install 'l2b[cleanlab]'"
-
-
-def require_cleanlab() -> None:
-    """Raise :class:`L2BError` with the install command when cleanlab (or scikit-learn) is missing."""
-    try:
-        import cleanlab.filter  # noqa: F401
-        import sklearn  # noqa: F401
-    except ImportError:
-        raise L2BError(f"--compare-cleanlab needs cleanlab and scikit-learn, which are not installed: "
-                       f"{CLEANLAB_INSTALL}") from None
-
-
-def cross_validated_probs(x, given: np.ndarray, *, num_classes: int, cv_model: str, folds: int, seed: int,
-                          cfg=None, epochs: int | None = None, device: str | None = None,
-                          mean: list[float] | None = None, std: list[float] | None = None) -> tuple[np.ndarray, dict]:
-    """Out-of-sample class probabilities of every training sample by stratified K-fold cross-validation.
-
-    Parameters
-    ----------
-    x : np.ndarray or ImageFiles, shape (N, C, H, W)
-        The training images.
-    given : np.ndarray, shape (N,), int
-        Their given (possibly wrong) labels: the only labels the folds see.
-    num_classes : int
-    cv_model : {"logreg", "model"}
-        ``logreg``: scikit-learn's ``LogisticRegression`` on the flattened pixels, standardised
-        per fold, its inverse regularisation C picked from :data:`LOGREG_CS` by the
-        cross-validated log-loss on the given labels (the truth is never used). ``model``:
-        ``cfg.model`` trained from scratch with plain cross-entropy by the trainer's ``fit_ce``
-        (the run's optimiser settings) for ``epochs`` epochs per fold.
-    folds : int
-    seed : int
-        Seeds the folds and, for ``model``, each fold's initialisation.
-    cfg : Config
-        The run's configuration (``model`` only).
-    epochs : int
-        Epochs per fold (``model`` only).
-    device : str, optional
-        ``model`` only; default ``cfg.device``.
-    mean, std : list of float
-        Channel statistics the images are normalised with (``model`` only; the run's
-        ``normalization.json``).
-
-    Returns
-    -------
-    probs : np.ndarray, shape (N, K)
-    details : dict
-        What was chosen: ``C`` (logreg), ``epochs`` (model).
-    """
-    from sklearn.model_selection import StratifiedKFold
-
-    counts = np.bincount(given)
-    if folds < 2 or counts[counts > 0].min() < folds:
-        raise L2BError(f"--cv-folds {folds}: need 2 <= folds <= {counts[counts > 0].min()} (the rarest given class)")
-    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(np.zeros(len(given)), given))
-    if cv_model == "logreg":
-        return _cv_logreg(np.asarray(x.astype(np.float32)).reshape(len(given), -1), given, splits, num_classes)
-    if cv_model == "model":
-        probs = _cv_network(x, given, splits, num_classes, cfg=cfg, epochs=epochs, device=device, mean=mean, std=std)
-        return probs, {"epochs": epochs}
-    check_choice("--cv-model", cv_model, CV_MODELS)
-    raise AssertionError("unreachable")
-
-
-def _cv_logreg(flat: np.ndarray, given: np.ndarray, splits: list, num_classes: int) -> tuple[np.ndarray, dict]:
-    """Out-of-fold probabilities (N, K) of the C in :data:`LOGREG_CS` with the lowest log-loss on the given labels.
-
-    Regularisation decides how much of the noise a linear model on 784 pixels fits: on a
-    Fashion-MNIST development run (3,000 images, 40% noise) sklearn's C = 1 gave cleanlab an AUROC
-    of 0.83, C = 0.001 0.97. The held-out log-loss of the given labels finds the latter without the
-    truth.
-    """
-    import warnings
-
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    best, best_loss = None, np.inf
-    for c in LOGREG_CS:
-        probs = np.zeros((len(given), num_classes))
-        for train_idx, held in splits:
-            clf = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=LOGREG_MAX_ITER))
-            with warnings.catch_warnings():  # a weakly regularised fit may stop at max_iter: it then loses on log-loss
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                clf.fit(flat[train_idx], given[train_idx])
-            probs[np.ix_(held, clf.classes_)] = clf.predict_proba(flat[held])
-        loss = -np.mean(np.log(np.clip(probs[np.arange(len(given)), given], 1e-12, None)))
-        if loss < best_loss:
-            best, best_loss, best_c = probs, loss, float(c)
-    return best, {"C": best_c}
-
-
-def _cv_network(x, given: np.ndarray, splits: list, num_classes: int, *, cfg, epochs: int, device: str | None,
-                mean: list[float], std: list[float]) -> np.ndarray:
-    """The run's architecture trained with plain CE on each fold's training part (``fit_ce``)."""
-    import torch
-
-    dev = resolve_device(device or cfg.device)
-    mean, std = torch.tensor(mean, dtype=torch.float32), torch.tensor(std, dtype=torch.float32)
-    labels = torch.as_tensor(given, dtype=torch.int64)
-    probs = np.zeros((len(given), num_classes))
-    for f, (train_idx, held) in enumerate(splits):
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(cfg.seed + 1000 * (f + 1))  # each fold its own initialisation
-            net = create_model(cfg.model, num_classes=num_classes, in_channels=x.shape[1],
-                               pretrained=cfg.pretrained or None).to(dev)
-            part = device_images(x[train_idx], dev, mean, std, workers=cfg.workers)
-            fit_ce(net, part, labels[train_idx].to(dev), cfg=cfg, epochs=epochs)
-            held_out = device_images(x[held], dev, mean, std, workers=cfg.workers)
-            probs[held] = predict_probs(net, held_out, cfg.eval_batch_size).cpu().numpy()
-    return probs
-
-
-def cleanlab_issues(probs: np.ndarray, given: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cleanlab's flags (``find_label_issues``, its defaults) and quality (``get_label_quality_scores``).
-
-    Returns
-    -------
-    flagged : np.ndarray, shape (N,), bool
-    quality : np.ndarray, shape (N,)
-        Lower = more likely wrong (cleanlab's self-confidence).
-    """
-    from cleanlab.filter import find_label_issues as cl_find
-    from cleanlab.rank import get_label_quality_scores
-
-    flagged = np.asarray(cl_find(given, probs), dtype=bool)
-    return flagged, np.asarray(get_label_quality_scores(given, probs), dtype=np.float64)
-
-
 # ---------------------------------------------------------------- a run folder
 
 @dataclass
@@ -606,8 +461,8 @@ class LabelReport:
     files: tuple[Path, Path] = ()
 
 
-def label_issues_for_run(run_dir: str | Path, *, threshold: float | None = None, compare: tuple[str, ...] = (),
-                         folds: int = 5, cv_epochs: int | None = None, device: str | None = None) -> LabelReport:
+def label_issues_for_run(run_dir: str | Path, *, threshold: float | None = None,
+                         compared: Callable[[Path, dict, np.ndarray | None], list[dict]] | None = None) -> LabelReport:
     """Rank and flag a run's training labels; write ``label_issues.csv`` and ``label_issues.json`` (numbered
     where they exist).
 
@@ -617,26 +472,19 @@ def label_issues_for_run(run_dir: str | Path, *, threshold: float | None = None,
         The folder of a finished ``l2b train`` run.
     threshold : float, optional
         Flag ``label_quality < threshold`` instead of the trusted set's estimated count.
-    compare : tuple of str
-        ``CV_MODELS`` to run cleanlab with (out-of-sample probabilities by ``folds``-fold
-        cross-validation on the same images and given labels); empty: none.
-    cv_epochs : int, optional
-        Epochs per fold of ``compare=("model",)``; default the run's epochs.
-    device : str, optional
-        Device of the ``model`` folds; default the run's.
+    compared : callable, optional
+        ``compared(run, table, flipped)`` -> rows of other methods on the same labels, appended after the
+        run's own (``table``: ``per_sample.csv``; ``flipped``: (N,) bool or None, the labels known to be
+        wrong); :func:`l2b.apps.label_compare.label_issues_with_cleanlab` passes cleanlab's.
     """
     run = Path(run_dir)
     if not (run / PER_SAMPLE).is_file():
         raise L2BError(f"{run / PER_SAMPLE} not found: give the folder of a finished `l2b train` run")
-    if compare:
-        require_cleanlab()  # before anything is computed
-        for name in compare:
-            check_choice("--cv-model", name, CV_MODELS)
     table = read_table(run / PER_SAMPLE)
-    summary = _read_json(run / "summary.json")
+    summary = read_json(run / "summary.json")
     # the run's method names its row; a folder holding only the per-sample records says what it can
     cfg = make_config(load_yaml(run / "config.yaml"), source=str(run / "config.yaml")) \
-        if (run / "config.yaml").is_file() or compare else None
+        if (run / "config.yaml").is_file() else None
     method = cfg.method if cfg is not None else summary.get("method", "this run")
     classes = json.loads((run / "classes.json").read_text()) if (run / "classes.json").is_file() else None
     estimate = noise_for_run(run, table)
@@ -652,8 +500,8 @@ def label_issues_for_run(run_dir: str | Path, *, threshold: float | None = None,
     if truth:
         row.update(evaluate_issues(issues["is_label_issue"], 1.0 - issues["label_quality"], flipped[order]))
     rows = [row]
-    if compare:
-        rows += _cleanlab_rows(run, cfg, table, compare, folds, cv_epochs, device, flipped)
+    if compared is not None:
+        rows += compared(run, table, flipped)
     evidence = {k: auroc(-np.nan_to_num(v, nan=0.5), flipped) for k, v in _evidence(table).items()} if truth else None
     report = LabelReport(issues, method, _rule(threshold, estimate), estimate, warning, rows, truth, evidence,
                          _new_outputs(run))
@@ -695,50 +543,7 @@ def _new_outputs(run: Path) -> tuple[Path, Path]:
     return run / f"{stem}.csv", run / f"{stem}.json"
 
 
-def _cleanlab_rows(run: Path, cfg, table: dict, compare: tuple[str, ...], folds: int, cv_epochs: int | None,
-                   device: str | None, flipped: np.ndarray | None) -> list[dict]:
-    """cleanlab's rows: each model's K-fold probabilities, its flags, and the seconds they took."""
-    given = table["given_label"]
-    x = _training_images(run, cfg, table)
-    normalization = _read_json(run / "normalization.json")
-    num_classes = len(json.loads((run / "classes.json").read_text()))
-    rows = []
-    for name in compare:
-        t0, cpu0 = time.perf_counter(), time.process_time()
-        probs, details = cross_validated_probs(x, given, num_classes=num_classes, cv_model=name, folds=folds,
-                                               seed=cfg.seed, cfg=cfg, epochs=cv_epochs or cfg.epochs, device=device,
-                                               mean=normalization["mean"], std=normalization["std"])
-        flagged, quality = cleanlab_issues(probs, given)
-        what = f"{cfg.model} CE" if name == "model" else "logreg"
-        row = {"name": f"cleanlab, {folds}-fold {what}", "flagged": int(flagged.sum()),
-               "seconds": round(time.perf_counter() - t0, 2),
-               "cpu_seconds": round(time.process_time() - cpu0, 2), **details}
-        if flipped is not None:
-            row.update(evaluate_issues(flagged, 1.0 - quality, flipped))
-        rows.append(row)
-    return rows
-
-
-def _training_images(run: Path, cfg, table: dict):
-    """The run's training images (N, C, H, W), in the order of ``per_sample.csv``, from its data set.
-
-    A run trained on data given in memory (``train(cfg, data=...)``) names a data set in its config
-    that it never saw; the image shape and, where known, the true labels must match, or nothing is compared.
-    """
-    indices = np.load(run / "train_indices.npy")
-    if len(indices) != len(table["given_label"]) or np.any(indices < 0):
-        raise L2BError(f"{run}: its training images are not all in the data set's training split "
-                       f"(a {cfg.method} run with a given clean split), so cleanlab cannot be run on them")
-    data = load_dataset(cfg)
-    shape = _read_json(run / "normalization.json").get("input_shape")
-    if (indices.max() >= len(data.y_train) or (shape and list(data.x_train.shape[1:]) != shape)
-            or ("true_label" in table and not np.array_equal(data.y_train[indices], table["true_label"]))):
-        raise L2BError(f"{run}: the data set in its config.yaml ({cfg.dataset}) is not the one the run trained on "
-                       "(a run trained on arrays given in memory?); cleanlab cannot be run on its images")
-    return data.x_train[indices]
-
-
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
