@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from l2b import L2BError, create_model, meta_weights
-from l2b.apps import bench
+from l2b.apps.bench import step as bench_step_module
 from l2b.apps.bench import bench_epoch, bench_step, bench_weights, format_step_table, higher_meta_weights
 
 
@@ -41,7 +41,7 @@ def test_the_peer_recipe_computes_the_same_weights_as_l2b():
 
 
 def test_peer_without_its_package_and_unknown_peers_are_refused(monkeypatch):
-    monkeypatch.setattr(bench, "has_higher", False)
+    monkeypatch.setattr(bench_step_module, "has_higher", False)
     with pytest.raises(L2BError, match="pip install higher"):
         bench_step(batch_size=8, val_batch_size=4, image_shape=(1, 8, 8), steps=1, peer="higher")
     with pytest.raises(L2BError, match="--peer must be one of higher"):
@@ -51,7 +51,7 @@ def test_peer_without_its_package_and_unknown_peers_are_refused(monkeypatch):
 def test_peak_memory_of_one_step_is_measured_in_a_fresh_process():
     config = dict(model="small-cnn", batch_size=64, val_batch_size=32, image_shape=[1, 16, 16], num_classes=10,
                   device="cpu", amp="off", channels_last=False, seed=0, kind="l2b_exact")
-    peak = bench._peak_memory_in_child(config)
+    peak = bench_step_module._peak_memory_in_child(config)
     if sys.platform == "linux":  # elsewhere there is no /proc/self/clear_refs to reset the peak with
         assert 1 < peak < 500  # the step's activations (a few MiB), not the process's whole footprint
 

@@ -14,7 +14,8 @@ from l2b.meta import meta_weights
 from l2b.methods import StepContext, create_method
 from l2b.train import loop as loop_module
 from l2b.train.checkpoint import safe_load
-from l2b.train.outputs import AUROC_SCORES, auroc, weight_aurocs
+from l2b.scores import auroc
+from l2b.train.outputs import AUROC_SCORES, weight_aurocs
 from l2b.train.setup import start_run
 from l2b.train.state import LoopState
 from test_labels import _image_data

@@ -6,7 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from l2b.config import options_markdown
+from dataclasses import fields
+
+from l2b.config import Config, describe
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "OPTIONS.md"
 BEGIN, END = "<!-- options -->", "<!-- /options -->"
@@ -19,6 +21,21 @@ for that data set; what you set yourself always wins. "read by" names the method
 (all: the trainer or every method).
 
 """
+
+
+def options_markdown() -> str:
+    """docs/OPTIONS.md's table: every option with its default, valid values, readers and help."""
+    rows = ["| option | default | valid values | read by | what it does |", "|---|---|---|---|---|"]
+    group = None
+    for f in fields(Config):
+        if f.metadata["group"] != group:
+            group = f.metadata["group"]
+            rows.append(f"| **{group}** | | | | |")
+        readers = ", ".join(f.metadata["methods"]) if f.metadata["methods"] else "all"
+        default = "unset" if f.default is None else f"`{f.default}`"
+        rows.append(f"| `--{f.name.replace('_', '-')}` | {default} | {describe(f)} | {readers} | "
+                    f"{f.metadata['help']} |")
+    return "\n".join(rows)
 
 
 def render() -> str:

@@ -18,6 +18,7 @@ from ..config import Config, save_yaml
 from ..data.arrays import ImageData
 from ..data.prepare import TrainData
 from ..errors import L2BError
+from ..scores import auroc
 from ..version import __version__
 from .checkpoint import write_atomically
 
@@ -25,14 +26,7 @@ __all__ = ["check_out", "new_run_dir", "lock_run_dir", "clear_run_dir", "write_r
            "keep_history", "summarize", "weight_means", "accumulate_weight_stats", "run_plan", "environment",
            "record_environment", "resolve_logs", "EpochLogs", "accuracy_counts", "train_accuracies",
            "accumulate_weight_hist", "WEIGHT_BIN_EDGES", "weight_aurocs",
-           "auroc", "AUROC_SCORES"]
-
-try:  # optional: the maintained implementation where installed
-    from sklearn.metrics import roc_auc_score
-
-    has_sklearn = True
-except ImportError:  # pragma: no cover - exercised by forcing the fallback in the tests
-    has_sklearn = False
+           "AUROC_SCORES"]
 
 # metrics.jsonl key -> the per-sample score it ranks (a, b: the sample's mean alpha and beta over the epoch)
 AUROC_SCORES = {"auroc_alpha": lambda a, b: a, "auroc_beta": lambda a, b: b, "auroc_alpha_plus_beta": lambda a, b: a + b,
@@ -162,27 +156,6 @@ def weight_means(stats: Tensor) -> dict:
     s = stats.cpu().tolist()
     mean = lambda row, col: (s[row][col] / s[2][col]) if s[2][col] else None  # noqa: E731
     return {"alpha_clean": mean(0, 0), "alpha_flipped": mean(0, 1), "beta_clean": mean(1, 0), "beta_flipped": mean(1, 1)}
-
-
-def auroc(scores: np.ndarray, positive: np.ndarray, *, use_sklearn: bool = True) -> float | None:
-    """Area under the ROC curve of ``scores`` (N,) for the positive class ``positive`` (N,) bool.
-
-    The probability that a random positive scores higher than a random negative (ties count one
-    half); None where either class is empty. sklearn's ``roc_auc_score`` where installed, else the
-    same number from average ranks (Mann-Whitney U).
-    """
-    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return None
-    if use_sklearn and has_sklearn:
-        return float(roc_auc_score(positive, scores))
-    order = np.argsort(scores, kind="mergesort")
-    _, first, counts = np.unique(scores[order], return_index=True, return_counts=True)
-    ranks = np.empty(len(scores))
-    ranks[order] = np.repeat(first + (counts + 1) / 2, counts)  # 1-based, ties get their average rank
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def weight_aurocs(epoch_weights: Tensor | None, flipped: Tensor) -> dict:

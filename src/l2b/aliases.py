@@ -1,0 +1,40 @@
+"""Names other tools' configs use for our options, and the option each means (``l2b.config`` suggests it
+for an unknown key)."""
+
+# Names people write for our keys, from other tools' configs: an exact table beats edit distance here
+# (edit distance maps learning_rate to noise_rate).
+ALIASES = {
+    "learning_rate": "lr", "base_lr": "lr", "wd": "weight_decay", "num_epochs": "epochs", "n_epochs": "epochs",
+    "max_epochs": "epochs", "batchsize": "batch_size", "train_batch_size": "batch_size",
+    "meta_batch_size": "val_batch_size", "clean_batch_size": "val_batch_size", "noise_ratio": "noise_rate",
+    "noise_level": "noise_rate", "noise_type": "noise", "noise_mode": "noise", "arch": "model", "network": "model",
+    "data": "dataset", "dataset_name": "dataset", "output": "out", "output_dir": "out", "out_dir": "out",
+    "clip_grad": "grad_clip", "gradient_clip": "grad_clip", "max_grad_norm": "grad_clip", "warmup": "warmup_epochs",
+    "num_workers": "workers", "random_seed": "seed", "clean_size": "val_size", "num_clean": "val_size",
+    "fp16": "amp", "bf16": "amp", "mixed_precision": "amp", "clean_set": "trusted", "trusted_set": "trusted",
+    "learningrate": "lr", "lr_init": "lr", "initial_lr": "lr", "momentum_sgd": "momentum", "sgd_momentum": "momentum",
+    "weightdecay": "weight_decay", "l2": "weight_decay", "epoch": "epochs", "total_epochs": "epochs",
+    "train_epochs": "epochs", "batch": "batch_size", "bs": "batch_size", "per_device_batch_size": "batch_size",
+    "val_batch": "val_batch_size", "eval_batch": "eval_batch_size", "test_batch_size": "eval_batch_size",
+    "noise_prob": "noise_rate", "noise_fraction": "noise_rate", "corruption_rate": "noise_rate",
+    "corruption_prob": "noise_rate", "r": "noise_rate", "corruption_type": "noise", "noise_model": "noise",
+    "model_name": "model", "architecture": "model", "backbone": "model", "net": "model", "algorithm": "method",
+    "algo": "method", "loss": "method", "data_root": "data_dir", "data_path": "data_dir", "root": "data_dir",
+    "dataroot": "data_dir", "num_clean_samples": "val_size", "clean_samples": "val_size", "meta_size": "val_size",
+    "trusted_size": "val_size", "num_meta": "val_size", "n_clean": "val_size", "warmup_epoch": "warmup_epochs",
+    "warm_up": "warmup_epochs", "warmup_steps": "warmup_epochs", "temp": "temperature", "tau": "temperature",
+    "normalization": "normalize", "normalisation": "normalize", "normalise": "normalize", "weight_norm": "normalize",
+    "gpu": "device", "gpus": "nproc", "world_size": "nproc", "num_gpus": "nproc", "n_gpu": "nproc",
+    "save_every": "checkpoint_every", "save_freq": "checkpoint_every", "ckpt_every": "checkpoint_every",
+    "checkpoint_interval": "checkpoint_every", "checkpoint_freq": "checkpoint_every",
+    "save_dir": "out", "output_path": "out", "log_dir": "out", "logdir": "out", "img_size": "image_size",
+    "input_size": "image_size", "resolution": "image_size", "augmentation": "augment", "data_augmentation": "augment",
+    "seed_value": "seed", "manual_seed": "seed", "clip": "grad_clip", "grad_norm": "grad_clip",
+    "num_train": "subset", "train_size": "subset", "n_train": "subset", "subset_size": "subset",
+    "amp_dtype": "amp", "precision": "amp", "torch_compile": "compile", "channels_last_memory": "channels_last",
+    "syncbn": "sync_bn", "sync_batchnorm": "sync_bn", "beta": "bootstrap_beta", "mixup": "mixup_alpha",
+    "alpha": "mixup_alpha", "meta_learning_rate": "meta_lr", "meta_net_lr": "meta_lr", "vnet_lr": "meta_lr",
+    "hidden": "meta_hidden", "meta_hidden_size": "meta_hidden", "teacher_epochs": "stage1_epochs",
+    "num_workers_data": "workers", "keep_last": "keep_checkpoints", "max_checkpoints": "keep_checkpoints",
+    "nan": "on_nan", "split": "split_file",
+}
