@@ -34,7 +34,7 @@ try:
 except ImportError:
     has_pyarrow = False
 
-__all__ = ["PER_SAMPLE", "per_sample_table", "write_table", "read_table", "claim_output"]
+__all__ = ["PER_SAMPLE", "per_sample_table", "write_table", "read_table", "claim_output", "next_free"]
 
 
 PER_SAMPLE = "per_sample.csv"
@@ -97,6 +97,18 @@ def claim_output(path: str | Path, *, overwrite: bool, flag: str = "--overwrite"
     if not path.parent.is_dir():
         raise L2BError(f"folder {path.parent} does not exist")
     return path
+
+
+def next_free(path: str | Path, *companions: str) -> Path:
+    """``path``, or the first of ``stem-2.ext``, ``stem-3.ext``, ... that is free, with the files of the same
+    stem and the suffixes ``companions`` (e.g. ``".json"`` beside a ``.csv``) free too: an output someone
+    has been working through is never overwritten."""
+    path = Path(path)
+    candidate, k = path, 1
+    while any(candidate.with_suffix(s).exists() for s in (path.suffix, *companions)):
+        k += 1
+        candidate = path.with_name(f"{path.stem}-{k}{path.suffix}")
+    return candidate
 
 
 def write_table(table: dict[str, np.ndarray], path: Path) -> None:

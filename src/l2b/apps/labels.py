@@ -18,7 +18,7 @@ import numpy as np
 
 from ..config import load_yaml, make_config
 from ..errors import L2BError
-from ..runfiles import PER_SAMPLE, read_table, write_table
+from ..runfiles import PER_SAMPLE, next_free, read_table, write_table
 from ..scores import auroc
 from .label_noise import NoiseEstimate, estimate_noise
 
@@ -336,12 +336,9 @@ def _flipped(table: dict) -> np.ndarray | None:
 
 def _new_outputs(run: Path) -> tuple[Path, Path]:
     """``label_issues.csv`` and ``.json`` in the run folder, numbered (``label_issues-2.csv``, ...) where
-    either exists: a table someone has been working through is never overwritten."""
-    k, stem = 1, ISSUES
-    while (run / f"{stem}.csv").exists() or (run / f"{stem}.json").exists():
-        k += 1
-        stem = f"{ISSUES}-{k}"
-    return run / f"{stem}.csv", run / f"{stem}.json"
+    either exists."""
+    table = next_free(run / f"{ISSUES}.csv", ".json")
+    return table, table.with_suffix(".json")
 
 
 def read_json(path: Path) -> dict:

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import load_yaml, make_config
 from ..errors import L2BError
 from ..models import create_model
+from ..runfiles import next_free
 from ..train.checkpoint import safe_load
 
 log = logging.getLogger(__name__)
@@ -174,11 +175,7 @@ def new_output_path(out: str | None, default: Path, suffixes: tuple[str, ...], f
         if not path.parent.is_dir():
             raise L2BError(f"{flag} {out}: folder {path.parent} does not exist")
         return path
-    path, k = default, 1
-    while path.exists():
-        k += 1
-        path = default.with_name(f"{default.stem}-{k}{default.suffix}")
-    return path
+    return next_free(default)
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> bool:
