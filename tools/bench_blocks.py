@@ -62,12 +62,58 @@ def ddp_block(r: dict) -> str:
     return "\n".join(lines)
 
 
+STEP_COLUMNS = (("ce", "CE"), ("peer_higher", "published recipe (`higher`)"),
+                ("reference_double_backward", "double-backward reference"), ("l2b_exact", "**L2B exact, fused (trainer)**"),
+                ("l2b_exact_generic", "fused, generic tangent rules"), ("l2b_unfused", "unfused"),
+                ("l2b_fd", "L2B fd (approximate)"))
+# issue targets of the exact step on the CPU: (model, times CE, times the published recipe or None)
+STEP_TARGETS = {"small-cnn": (2.5, 0.5), "preact-resnet18": (2.4, None)}
+
+
+def step_block(results: list[dict]) -> str:
+    """`l2b bench step --peer higher --memory`: each kind's paired ratio to CE, the floor, the memory peaks."""
+    r0 = results[0]
+    lines = [f"`l2b bench step --peer higher --memory` (CPU, {r0['threads']} threads, random inputs, "
+             f"{r0['steps']} interleaved rounds; each entry is the median of the per-round ratios to the CE step "
+             "of the same round):", "",
+             "| model, batch | " + " | ".join(label for _, label in STEP_COLUMNS) + " | floor of an exact step |",
+             "|---|" + "---|" * (len(STEP_COLUMNS) + 1)]
+    for r in results:
+        cells = [f"{r['ratio_to_ce'][k]:.2f}" if k in r["ratio_to_ce"] else "—" for k, _ in STEP_COLUMNS]
+        lines.append(f"| {r['model']}, n={r['batch_size']}, m={r['val_batch_size']} | " + " | ".join(cells)
+                     + f" | {r['floor_ratio_to_ce']:.2f} |")
+    lines += ["", "Peak memory of one step (MiB, each kind in a fresh process; resident set on the CPU):", "",
+              "| model, batch | " + " | ".join(label for _, label in STEP_COLUMNS) + " |",
+              "|---|" + "---|" * len(STEP_COLUMNS)]
+    for r in results:
+        mem = r.get("peak_memory_mib") or {}
+        cells = [f"{mem[k]:.0f}" if mem.get(k) is not None else "—" for k, _ in STEP_COLUMNS]
+        lines.append(f"| {r['model']}, n={r['batch_size']}, m={r['val_batch_size']} | " + " | ".join(cells) + " |")
+    lines.append("")
+    for r in results:
+        ratio, target = r["ratio_to_ce"]["l2b_exact"], STEP_TARGETS.get(r["model"])
+        text = (f"- {r['model']}: the exact step is {ratio:.2f}x CE and {r['exact_over_floor']:.2f}x its floor; "
+                f"{r['l2b_over_peer']:.2f}x the published recipe's step" if "l2b_over_peer" in r else
+                f"- {r['model']}: the exact step is {ratio:.2f}x CE and {r['exact_over_floor']:.2f}x its floor")
+        if target:
+            met = ratio <= target[0] and (target[1] is None or r.get("l2b_over_peer", math.inf) <= target[1])
+            goal = f"<= {target[0]}x CE" + (f" and <= {target[1]}x the published recipe" if target[1] else "")
+            text += f". Target {goal}: {'met' if met else 'not met'}."
+        else:
+            text += "."
+        lines.append(text)
+    return "\n".join(lines)
+
+
 def render() -> dict[str, str]:
     blocks = {}
     for name, fn, file in (("stream", stream_block, "stream_cpu.json"), ("ddp", ddp_block, "ddp_cpu.json")):
         path = BENCH / file
         if path.is_file():
             blocks[name] = fn(json.loads(path.read_text()))
+    steps = [json.loads(p.read_text()) for p in sorted(BENCH.glob("step_cpu_*.json"))]
+    if steps:
+        blocks["step"] = step_block(sorted(steps, key=lambda r: r["model"] != "small-cnn"))
     return blocks
 
 

@@ -425,6 +425,39 @@ def which_method_table(runs: list) -> str:
     return "\n".join(lines)
 
 
+STUDY_DEV = ROOT / "docs" / "results" / "study" / "dev"  # the recipe study's development runs, seeds 1-5
+RECIPE_CANDIDATES = {  # block name -> (candidate folder, config key, the default's value)
+    "recipe-m128": ("m128", "val_batch_size", 100),
+    "recipe-epochs80": ("epochs80", "epochs", 40),
+}
+
+
+def recipe_table(folder: str, key: str, default) -> str:
+    """One candidate against the default recipe at the development setting, by the protocol's rule:
+    tools/select_by_val.py on the paired runs (best clean-validation accuracy; no test accuracy read)."""
+    import select_by_val as sbv
+
+    runs = [p for p in (STUDY_DEV / "default", STUDY_DEV / folder) if p.is_dir()]
+    if len(runs) < 2:
+        return f"No run of this candidate is committed yet ({STUDY_DEV.relative_to(ROOT)}/{folder})."
+    table = sbv.candidates(sbv.find_runs(runs), [key])
+    if len(table) < 2 or (default,) not in table:
+        return f"No paired runs of this candidate and the default are committed yet ({key})."
+    device = {yaml_safe(r / "config.yaml").get("device") for r in sbv.find_runs(runs)}
+    text = sbv.format_result(sbv.select(table, (default,)), [key]).splitlines()
+    rows = [line for line in text if line.startswith("|")]
+    return ("\n".join(rows) + "\n\n" + "; ".join(line for line in text if not line.startswith("|")) + ".\n\n"
+            f"`python tools/select_by_val.py --key {key} --reference {default} "
+            f"{STUDY_DEV.relative_to(ROOT)}/default {STUDY_DEV.relative_to(ROOT)}/{folder}` "
+            f"(runs on: {', '.join(sorted(map(str, device)))}).")
+
+
+def yaml_safe(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
 def render(runs: list) -> dict[str, str]:
     main_rows = aggregate([r for r in runs if r.summary.get("seed") in MAIN_SEEDS])
     all_rows = aggregate(runs)
@@ -446,6 +479,8 @@ def render(runs: list) -> dict[str, str]:
     blocks["phases"] = phases_table(runs)
     blocks["headline"] = headline(main_rows)
     blocks["which-method"] = which_method_table(runs)
+    for name, spec in RECIPE_CANDIDATES.items():
+        blocks[name] = recipe_table(*spec)
     blocks["table9"] = table9()
     blocks["default-run"] = default_run_table()
     return blocks
