@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from pathlib import Path
+
+from blocks import replace_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = (ROOT / "README.md", ROOT / "docs" / "SCALING.md")
@@ -122,20 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--check", action="store_true", help="report differences, change nothing")
     args = parser.parse_args(argv)
     blocks = render()
-    stale, seen = [], set()
-
-    def replace(match):
-        name = match.group(1)
-        if name not in blocks:
-            raise SystemExit(f"unknown benchmark block {name!r}; known: {', '.join(blocks)}")
-        seen.add(name)
-        new = f"<!-- bench:{name} -->\n{blocks[name]}\n<!-- /bench -->"
-        if match.group(0) != new:
-            stale.append(name)
-        return new
-
-    updated = {path: re.sub(r"<!-- bench:([\w-]+) -->.*?<!-- /bench -->", replace, path.read_text(), flags=re.S)
-               for path in DOCS}
+    updated, stale, seen = replace_blocks(DOCS, "bench", blocks)
     unused = sorted(set(blocks) - seen)
     if args.check:
         if stale or unused:

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import statistics
 import sys
 from pathlib import Path
 
 import yaml
+
+from blocks import replace_blocks
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "labels"
@@ -233,17 +234,8 @@ def main(argv=None) -> int:
     blocks = render(data)
     stale = [] if JSON.is_file() and JSON.read_text() == text else [str(JSON.relative_to(ROOT))]
 
-    def replace(match):
-        name = match.group(1)
-        if name not in blocks:
-            raise SystemExit(f"unknown block {name!r}; known: {', '.join(blocks)}")
-        new = f"<!-- labels:{name} -->\n{blocks[name]}\n<!-- /labels -->"
-        if match.group(0) != new:
-            stale.append(name)
-        return new
-
-    updated = {p: re.sub(r"<!-- labels:([\w-]+) -->.*?<!-- /labels -->", replace, p.read_text(), flags=re.S)
-               for p in DOCS if p.is_file()}
+    updated, changed, _ = replace_blocks(DOCS, "labels", blocks)
+    stale += changed
     if args.check:
         print("stale: " + ", ".join(stale) if stale else "labels.json and every block match the run folders")
         return 1 if stale else 0
