@@ -88,20 +88,24 @@ def fig3_normalize(plt, runs, path):
     _save(fig, path)
 
 
+def _panels_of(runs, key: str, most: int = 12) -> dict[tuple, list]:
+    """The runs that logged ``key`` per epoch, by (label, data set, noise, rate): the first ``most`` panels."""
+    panels = defaultdict(list)
+    for r in runs:
+        if any(m.get(key) is not None for m in r.metrics):
+            panels[(r.label, *r.group, (r.summary["noise_rate"] or 0.0))].append(r)
+    return {k: panels[k] for k in sorted(panels)[:most]}
+
+
 def fig4_weights(plt, runs, path):
     """Mean alpha and beta of clean vs flipped samples per epoch (paper Fig. 4), per meta method and setting.
 
     Weights are in units of an average sample's share (1 = 1/n of the batch)."""
-    panels = defaultdict(list)
-    for r in runs:
-        if any(m.get("alpha_clean") is not None for m in r.metrics):
-            panels[(r.label, *r.group, (r.summary["noise_rate"] or 0.0))].append(r)
+    panels = _panels_of(runs, "alpha_clean")
     if not panels:
         return "no run logged alpha/beta of clean vs flipped samples (meta methods on data with known noise)"
-    keys = sorted(panels)[:12]
-    fig, axes = _grid(plt, len(keys))
-    for ax, key in zip(axes, keys):
-        rs = panels[key]
+    fig, axes = _grid(plt, len(panels))
+    for ax, (key, rs) in zip(axes, panels.items()):
         for name, style in zip(WEIGHT_KEYS, ("-", "--", "-", "--")):
             ep, mean, _ = _curve(rs, name)
             if not np.all(np.isnan(mean)):
@@ -117,16 +121,11 @@ def fig4_auroc(plt, runs, path):
     method and setting (mean over runs): how well the weights single out the flipped samples.
 
     0.5 = no signal; alpha works as intended below 0.5 (flipped samples get less), beta - alpha above."""
-    panels = defaultdict(list)
-    for r in runs:
-        if any(m.get("auroc_alpha") is not None for m in r.metrics):
-            panels[(r.label, *r.group, r.summary["noise_rate"])].append(r)
+    panels = _panels_of(runs, "auroc_alpha")
     if not panels:
         return "no run logged the weights' AUROC (meta methods on data with known noise, logged since it was added)"
-    keys = sorted(panels)[:12]
-    fig, axes = _grid(plt, len(keys))
-    for ax, key in zip(axes, keys):
-        rs = panels[key]
+    fig, axes = _grid(plt, len(panels))
+    for ax, (key, rs) in zip(axes, panels.items()):
         for name, legend in AUROC_KEYS.items():
             ep, mean, _ = _curve(rs, name)
             if not np.all(np.isnan(mean)):
