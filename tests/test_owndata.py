@@ -12,19 +12,10 @@ import yaml
 from l2b import L2BError, cli, make_config
 from l2b.config import Config
 from l2b.data.benchmarks import BENCHMARK_PRESET
+from helpers import bands
 
 CLASSES = ["low", "mid", "high"]
 FAST = ["--epochs", "2", "--batch-size", "16", "--val-batch-size", "9", "--device", "cpu", "--quiet"]
-
-
-def bands(n, seed):
-    """(N, 8, 8) uint8 images of 3 classes (a bright band at a class-specific height), labels (N,)."""
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 3
-    x = rng.integers(0, 60, (n, 8, 8))
-    for c in range(3):
-        x[y == c, 2 * c : 2 * c + 3, :] += 150
-    return x.astype(np.uint8), y
 
 
 @pytest.fixture

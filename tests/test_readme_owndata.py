@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from l2b import cli
+from helpers import bands
 
 Image = pytest.importorskip("PIL.Image")
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -27,15 +28,6 @@ def section_commands() -> list[list[str]]:
     section = section[: section.index("\n## ", 1)]
     return [[line for line in block.splitlines() if line.strip()]
             for block in re.findall(r"```bash\n(.*?)```", section, re.S)]
-
-
-def bands(n, seed):
-    rng = np.random.default_rng(seed)
-    y = np.arange(n) % 3
-    x = rng.integers(0, 60, (n, 8, 8))
-    for c in range(3):
-        x[y == c, 2 * c : 2 * c + 3, :] += 150
-    return x.astype(np.uint8), y
 
 
 def pngs(root: Path, x, y, *, by_class=True) -> list[Path]:

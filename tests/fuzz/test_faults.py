@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import torch
 
-from l2b.train.checkpoint import digest, load_checkpoint, safe_load
+from l2b.train.checkpoint import digest, load_checkpoint
+from helpers import same_model, wait_for
 
 pytestmark = pytest.mark.xdist_group("fuzz")
 
@@ -27,19 +28,6 @@ pytestmark = pytest.mark.xdist_group("fuzz")
 def _l2b(*args):
     return subprocess.Popen([sys.executable, "-m", "l2b", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
-
-
-def _wait_for(path: Path, proc, timeout=240):
-    t0 = time.time()
-    while not path.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout
-        time.sleep(0.01)
-
-
-def _same_model(a: Path, b: Path) -> bool:
-    pa, pb = safe_load(a / "checkpoint.pt")["model"], safe_load(b / "checkpoint.pt")["model"]
-    return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +46,12 @@ def test_kill_9_before_the_first_epoch_ends_then_resume_is_bit_identical(ledger,
     ref, args = small
     run = tmp_path / "run"
     proc = _l2b("train", "--out", str(run), "--checkpoint-every", "3steps", *args)
-    _wait_for(run / "checkpoint.pt", proc)  # the checkpoint written before the first step
+    wait_for(run / "checkpoint.pt", proc)  # the checkpoint written before the first step
     time.sleep(random.uniform(0.0, 0.5))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     lines = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").exists() else []
-    ledger.check(["train", "--resume", str(run)], expect="ok", oracle=lambda _: None if _same_model(run, ref)
+    ledger.check(["train", "--resume", str(run)], expect="ok", oracle=lambda _: None if not same_model(run, ref)
                  else f"resumed model differs from the uninterrupted one (killed after {len(lines)} epochs)",
                  label="kill -9 early, resume")
 
@@ -76,7 +64,7 @@ def test_resume_of_a_folder_without_checkpoint_starts_it_from_its_config(ledger,
     cfg = (run / "config.yaml").read_text().replace(f"out: {ref}", f"out: {run}")
     (run / "config.yaml").write_text(cfg)
     ledger.check(["train", "--resume", str(run)], expect="ok",
-                 oracle=lambda _: None if _same_model(run, ref) else "differs from the run it restarts",
+                 oracle=lambda _: None if not same_model(run, ref) else "differs from the run it restarts",
                  label="resume without checkpoint")
 
 
@@ -227,7 +215,7 @@ def test_sigterm_stops_a_sweep_and_a_rerun_resumes_it(ledger, tmp_path, small):
     sweep = ["sweep", "--out", str(out), "--seeds", "1,2", "--checkpoint-every", "2steps", *args]
     proc = _l2b(*sweep)
     first = out / "l2b-sym-r0.4-s1"
-    _wait_for(first / "checkpoint.pt", proc)
+    wait_for(first / "checkpoint.pt", proc)
     time.sleep(random.uniform(0.0, 0.5))
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
