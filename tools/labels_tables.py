@@ -105,24 +105,25 @@ def summary_table(data: dict) -> str:
     for a in data["settings"]:
         lines.append(f"| {a['setting']} | {a['name']} | {a['flagged']['mean']:.0f} ({a['flipped']['mean']:.0f}) | "
                      f"{_cell(a['precision'], 3)} | {_cell(a['recall'], 3)} | {_cell(a['f1'], 3)} | "
-                     f"{_cell(a['auroc'], 3)} | {_cell(a['seconds'], 0)} | {_cell(a['cpu_seconds'], 0)} |")
+                     f"{_cell(a['auroc'], 3)} | {_cell(a['seconds'], 0)} | {'—' if a['cpu_seconds'] is None else format(a['cpu_seconds']['mean'], '.0f')} |")
     n = {len(a["seeds"]) for a in data["settings"]}
     return "\n".join(lines) + f"\n\nMean ± sample std over seeds {', '.join(map(str, data['reported_seeds']))}" + (
         "" if n == {len(data["reported_seeds"])} else " (a row with fewer seeds: see the per-seed table)") + "."
 
 
 def headline(data: dict) -> str:
-    """One line per setting: F1 / AUROC / seconds of each row, means over the reported seeds."""
+    """One line per setting: F1 / AUROC / CPU seconds of each row, means over the reported seeds (CPU
+    seconds: the wall-clock ones depend on what else the shared machine ran)."""
     names = list(dict.fromkeys(a["name"] for a in data["settings"]))
     by = {(a["setting"], a["name"]): a for a in data["settings"]}
-    lines = ["| setting | " + " | ".join(f"{n}: F1 / AUROC / seconds" for n in names) + " |",
+    lines = ["| setting | " + " | ".join(f"{n}: F1 / AUROC / CPU seconds" for n in names) + " |",
              "|---|" + "---|" * len(names)]
     for s in dict.fromkeys(a["setting"] for a in data["settings"]):
         cells = []
         for n in names:
             a = by.get((s, n))
             cells.append("—" if a is None else
-                         f"{a['f1']['mean']:.3f} / {a['auroc']['mean']:.3f} / {a['seconds']['mean']:.0f}")
+                         f"{a['f1']['mean']:.3f} / {a['auroc']['mean']:.3f} / {'—' if a['cpu_seconds'] is None else format(a['cpu_seconds']['mean'], '.0f')}")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -515,6 +515,7 @@ ALLOWED = {
 PENDING: dict[str, list[str]] = {}  # sections whose typed numbers are still to be generated: none
 MARKED = re.compile(r"<!-- (table|value):([^>]*?) -->(.*?)<!-- /\1 -->", re.S)
 BENCH_BLOCK = r"<!-- bench:[\w-]+ -->.*?<!-- /bench -->"  # generated from benchmarks/*.json (tools/bench_blocks.py)
+LABELS_BLOCK = r"<!-- labels:[\w-]+ -->.*?<!-- /labels -->"  # generated from docs/results/labels (tools/labels_tables.py)
 
 
 # in docs/METHOD.md only results count (its equations, settings and the published code's values do not):
@@ -530,7 +531,7 @@ def stray_numbers(text: str, results_only: bool = False) -> list[tuple[int, str,
         return re.sub(r"[^\n]", " ", match.group(0))
 
     headings = text.splitlines()
-    for pattern in (MARKED.pattern, BENCH_BLOCK, r"```.*?```", r"`[^`\n]*`", r"\]\([^)]*\)", r"<!--.*?-->", *ALLOWED):
+    for pattern in (MARKED.pattern, BENCH_BLOCK, LABELS_BLOCK, r"```.*?```", r"`[^`\n]*`", r"\]\([^)]*\)", r"<!--.*?-->", *ALLOWED):
         text = re.sub(pattern, blank, text, flags=re.S)
     found, section = [], ""
     for number, (line, original) in enumerate(zip(text.splitlines(), headings), 1):
