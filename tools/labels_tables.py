@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 import sys
@@ -218,6 +219,9 @@ def collect(run_dirs: list[str]) -> None:
         target.mkdir(exist_ok=True)
         for name in SMALL_FILES + tuple(f for f in OPTIONAL_FILES if (d / f).is_file()):
             shutil.copyfile(d / name, target / name)
+        # the folder the run was written to names this machine: keep the path the Reproduce commands use
+        config = target / "config.yaml"
+        config.write_text(re.sub(r"(?m)^out: \S+", f"out: sweeps/labels-study/{d.name}", config.read_text()))
         print(f"collected {target.relative_to(ROOT)}")
 
 

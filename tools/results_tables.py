@@ -426,30 +426,37 @@ def which_method_table(runs: list) -> str:
 
 
 STUDY_DEV = ROOT / "docs" / "results" / "study" / "dev"  # the recipe study's development runs, seeds 1-5
-RECIPE_CANDIDATES = {  # block name -> (candidate folder, config key, the default's value)
-    "recipe-m128": ("m128", "val_batch_size", 100),
-    "recipe-epochs80": ("epochs80", "epochs", 40),
+RECIPE_CANDIDATES = {  # block name -> (the candidates' folders under STUDY_DEV, config key, the default's value)
+    "recipe-m128": (("default", "m128"), "val_batch_size", 100),
+    "recipe-epochs80": (("default", "epochs80"), "epochs", 40),
+    "tune-bootstrap": (("bootstrap/beta0.95", "bootstrap/beta0.8", "bootstrap/beta0.6"), "bootstrap_beta", 0.95),
+    "tune-mwnet": (("mwnet/mwnet", "mwnet/mwnet-sum"), "method", "mwnet"),
 }
 
 
-def recipe_table(folder: str, key: str, default) -> str:
-    """One candidate against the default recipe at the development setting, by the protocol's rule:
-    tools/select_by_val.py on the paired runs (best clean-validation accuracy; no test accuracy read)."""
+def recipe_table(folders: tuple[str, ...], key: str, default) -> str:
+    """Candidates against the default at the development setting, by the protocol's rule:
+    tools/select_by_val.py on the runs of the seeds every candidate finished (best clean-validation
+    accuracy; no test accuracy is read)."""
     import select_by_val as sbv
 
-    runs = [p for p in (STUDY_DEV / "default", STUDY_DEV / folder) if p.is_dir()]
-    if len(runs) < 2:
-        return f"No run of this candidate is committed yet ({STUDY_DEV.relative_to(ROOT)}/{folder})."
-    table = sbv.candidates(sbv.find_runs(runs), [key])
-    if len(table) < 2 or (default,) not in table:
-        return f"No paired runs of this candidate and the default are committed yet ({key})."
-    device = {yaml_safe(r / "config.yaml").get("device") for r in sbv.find_runs(runs)}
+    paths = [STUDY_DEV / f for f in folders]
+    if not all(p.is_dir() for p in paths):
+        return "Not run yet: " + ", ".join(f"`{p.relative_to(ROOT)}`" for p in paths if not p.is_dir()) + " missing."
+    seeds = [{yaml_safe(r / "config.yaml")["seed"]: r for r in sbv.find_runs([p]) if (r / "summary.json").is_file()}
+             for p in paths]
+    common = sorted(set.intersection(*(set(s) for s in seeds)))
+    if len(common) < 2:
+        return f"Fewer than two seeds finished by every candidate ({key}): nothing to compare yet."
+    runs = [s[seed] for s in seeds for seed in common]
+    table = sbv.candidates(runs, [key])
     text = sbv.format_result(sbv.select(table, (default,)), [key]).splitlines()
     rows = [line for line in text if line.startswith("|")]
-    return ("\n".join(rows) + "\n\n" + "; ".join(line for line in text if not line.startswith("|")) + ".\n\n"
-            f"`python tools/select_by_val.py --key {key} --reference {default} "
-            f"{STUDY_DEV.relative_to(ROOT)}/default {STUDY_DEV.relative_to(ROOT)}/{folder}` "
-            f"(runs on: {', '.join(sorted(map(str, device)))}).")
+    devices = sorted({str(yaml_safe(r / "config.yaml").get("device")) for r in runs})
+    short = "" if len(common) >= 5 else f" Seeds {', '.join(map(str, common))} only: the protocol asks for 1 to 5."
+    return ("\n".join(rows) + "\n\n" + "; ".join(line for line in text if not line.startswith("|")) + "."
+            + short + "\n\n" + f"`python tools/select_by_val.py --key {key} --reference {default} "
+            + " ".join(f"{p.relative_to(ROOT)}" for p in paths) + f"` (runs on: {', '.join(devices)}).")
 
 
 def yaml_safe(path: Path) -> dict:
