@@ -15,7 +15,7 @@ import math
 import sys
 from pathlib import Path
 
-from blocks import replace_blocks
+from blocks import replace_blocks, write_updated
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = (ROOT / "README.md", ROOT / "docs" / "SCALING.md")
@@ -131,10 +131,7 @@ def main(argv=None) -> int:
             return 1
         print("every benchmark block matches benchmarks/*.json")
         return 0
-    for path, text in updated.items():
-        path.write_text(text)
-    print(f"{len(stale)} block(s) rewritten" + (f": {', '.join(stale)}" if stale else ""))
-    return 0
+    return write_updated(updated, stale, "block(s)")
 
 
 if __name__ == "__main__":

@@ -25,3 +25,11 @@ def replace_blocks(paths, kind: str, blocks: dict[str, str]) -> tuple[dict[Path,
     pattern = re.compile(rf"<!-- {kind}:([\w-]+) -->.*?<!-- /{kind} -->", re.S)
     updated = {Path(p): pattern.sub(replace, Path(p).read_text()) for p in paths if Path(p).is_file()}
     return updated, stale, seen
+
+
+def write_updated(updated: dict[Path, str], stale: list[str], noun: str) -> int:
+    """Write the rewritten files and say what changed; exit status 0."""
+    for path, text in updated.items():
+        path.write_text(text)
+    print(f"{len(stale)} {noun} rewritten" + (f": {', '.join(stale)}" if stale else ""))
+    return 0

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from blocks import replace_blocks
+from blocks import replace_blocks, write_updated
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results" / "labels"
@@ -245,10 +245,7 @@ def main(argv=None) -> int:
         print("stale: " + ", ".join(stale) if stale else "labels.json and every block match the run folders")
         return 1 if stale else 0
     JSON.write_text(text)
-    for path, new_text in updated.items():
-        path.write_text(new_text)
-    print(f"{len(stale)} item(s) rewritten" + (f": {', '.join(stale)}" if stale else ""))
-    return 0
+    return write_updated(updated, stale, "item(s)")
 
 
 if __name__ == "__main__":
