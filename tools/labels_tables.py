@@ -106,7 +106,7 @@ def summary_table(data: dict) -> str:
     for a in data["settings"]:
         lines.append(f"| {a['setting']} | {a['name']} | {a['flagged']['mean']:.0f} ({a['flipped']['mean']:.0f}) | "
                      f"{_cell(a['precision'], 3)} | {_cell(a['recall'], 3)} | {_cell(a['f1'], 3)} | "
-                     f"{_cell(a['auroc'], 3)} | {_cell(a['seconds'], 0)} | {'—' if a['cpu_seconds'] is None else format(a['cpu_seconds']['mean'], '.0f')} |")
+                     f"{_cell(a['auroc'], 3)} | {_cell(a['seconds'], 0)} | {_cell(a['cpu_seconds'], 0)} |")
     n = {len(a["seeds"]) for a in data["settings"]}
     return "\n".join(lines) + f"\n\nMean ± sample std over seeds {', '.join(map(str, data['reported_seeds']))}" + (
         "" if n == {len(data["reported_seeds"])} else " (a row with fewer seeds: see the per-seed table)") + "."
