@@ -208,3 +208,17 @@ def test_mwnet_learns_to_down_weight_flipped_samples():
     assert any(not torch.allclose(a, b) for a, b in zip(before, method.net.parameters()))
     assert w_flip < w_flip0 - 0.05, (w_flip0, w_flip)
     assert w_flip < w_clean - 0.05, (w_flip, w_clean)
+
+
+@pytest.mark.parametrize("method, draws", [("ce", False), ("glc", True), ("l2rw", True)])
+def test_the_clean_batch_size_changes_only_the_methods_that_draw_a_clean_batch(tmp_path, tiny_args, method, draws):
+    # the recipe study pairs ce runs made before the clean batch changed with l2b runs made after: valid
+    # only because ce never draws a clean batch; glc trains on clean batches, so it is rerun
+    from helpers import same_model
+    from l2b.cli import main
+
+    args = [a for a in tiny_args if a not in ("--val-batch-size", "20")] + ["--stage1-epochs", "1", "--method", method]
+    for m in ("20", "0"):
+        assert main(["train", "--out", str(tmp_path / m), "--val-batch-size", m, *args]) == 0
+    differing = same_model(tmp_path / "20", tmp_path / "0")
+    assert bool(differing) == draws, differing
