@@ -525,6 +525,27 @@ def _verdict(diffs: list[float]) -> str | None:
     return "ahead" if mean - half > 0 else "behind" if mean + half < 0 else "level"
 
 
+STUDY_VERIFY = ROOT / "docs" / "results" / "study" / "verify"  # reruns of reproduction runs with the study's code
+
+
+def stand_in_check() -> str:
+    """Whether the study's code reruns a CPU run of the reproduction exactly: every per-epoch value both logged."""
+    sentences = []
+    for rerun in _folder_runs(STUDY_VERIFY):
+        s = rerun.summary
+        original = RUNS / f"{s['noise']}{100 * s['noise_rate']:g}" / rerun.path.name
+        old = load_runs([original])[0]
+        shared = (set(rerun.metrics[0]) & set(old.metrics[0])) - {"seconds"}
+        same = len(rerun.metrics) == len(old.metrics) and all(
+            a[k] == b[k] for a, b in zip(rerun.metrics, old.metrics) for k in shared)
+        sentences.append(f"a rerun of `{s['method']}` at {100 * s['noise_rate']:g}% {s['noise']}, seed {s['seed']}, with the "
+                         f"study's code on a CPU ({rerun.path.relative_to(ROOT)}) "
+                         + ("reproduces" if same else "does **not** reproduce")
+                         + f" the reproduction's CPU run in every per-epoch value both logged ({', '.join(sorted(shared))}; "
+                         f"{len(old.metrics)} epochs)")
+    return "; ".join(sentences)
+
+
 def which_method_new_recipe_table() -> str:
     """L2B minus each baseline, paired by seed, at the development setting and every held-out setting
     under the frozen recipe, at the best clean-validation epoch and at the last epoch."""
@@ -550,7 +571,8 @@ def which_method_new_recipe_table() -> str:
               "Runs: " + ", ".join(folders) + ", on a CPU, the configs of the frozen recipe"
               + (f"; `ce` at {', '.join(sorted(stand_ins))}: the reproduction's runs (docs/results/runs, on "
                  f"{' and '.join(sorted(stand_in_devices))}; ce never draws a clean batch, so the recipe's change "
-                 "does not reach it, as a test checks)" if stand_ins else "")
+                 "does not reach it, as a test checks" + (f"; {stand_in_check()}" if stand_in_check() else "") + ")"
+                 if stand_ins else "")
               + "."]
     return "\n".join(lines)
 
