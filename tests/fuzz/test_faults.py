@@ -79,6 +79,8 @@ def _damage(kind: str, src: Path, dst: Path) -> None:
         path.write_bytes(b"")
     elif kind == "garbage":
         path.write_bytes(os.urandom(4096))
+    elif kind == "pickle_opcodes":  # a legacy-format pickle whose first opcode pops an empty stack (IndexError)
+        path.write_bytes(b"\x80\x02.")  # protocol 2, then STOP on an empty stack
     elif kind == "bit_flip":
         b = bytearray(raw)
         b[len(b) // 2] ^= 0xFF
@@ -114,7 +116,7 @@ def _damage(kind: str, src: Path, dst: Path) -> None:
         torch.save(saved, path)
 
 
-DAMAGE = ("truncated", "empty", "garbage", "bit_flip", "missing", "weights_altered", "key_dropped", "wrong_type",
+DAMAGE = ("truncated", "empty", "garbage", "pickle_opcodes", "bit_flip", "missing", "weights_altered", "key_dropped", "wrong_type",
           "bad_position", "foreign_position", "model_mismatch", "not_a_dict", "future_version", "bad_ranks")
 
 

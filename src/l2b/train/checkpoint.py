@@ -84,7 +84,7 @@ def safe_load(path: Path, map_location="cpu"):
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported content"
         raise L2BError(f"{path}: refused to load: it holds objects other than tensors and plain data ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 (arbitrary bytes reach the unpickler's every error: IndexError, KeyError, ...)
         raise L2BError(f"{path}: not a readable checkpoint ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
 
 
