@@ -68,23 +68,37 @@ def test_method_md_anchors_start_and_end_on_their_pinned_lines():
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_method_anchors_follow_moved_code_and_report_edited_code(tmp_path):
+def pinned_repo(tmp_path, code_text, doc_text):
+    """A repository with one module and a METHOD.md anchoring it, pinned: (code file, doc file, --root args)."""
     (tmp_path / "src" / "l2b").mkdir(parents=True)
     (tmp_path / "docs").mkdir()
-    code = tmp_path / "src" / "l2b" / "_x.py"
-    code.write_text("import os\n\n\ndef f(a):\n    return a\n\n\ndef g():\n    pass\n")
-    doc = tmp_path / "docs" / "METHOD.md"
-    doc.write_text("f is `src/l2b/_x.py:L4-L5` and g `src/l2b/_x.py:L8`.\n")
+    code, doc = tmp_path / "src" / "l2b" / "_x.py", tmp_path / "docs" / "METHOD.md"
+    code.write_text(code_text)
+    doc.write_text(doc_text)
     root = ["--root", str(tmp_path)]
     assert run_tool("method_anchors.py", "--pin", *root).returncode == 0
+    return code, doc, root
 
-    code.write_text("import os\nimport sys\n\n\ndef f(a):\n    a += 1\n    return a\n\n\ndef g():\n    pass\n")
+
+def moved_anchors(code, doc, root, new_code, n_off):
+    """Rewrite the module, see --check report ``n_off`` anchors off and write nothing, then move them:
+    METHOD.md's text after the move."""
+    before = doc.read_text()
+    code.write_text(new_code)
     check = run_tool("method_anchors.py", "--check", *root)
-    assert check.returncode == 1 and "2 of 2 anchors are off their code" in check.stdout
-    assert doc.read_text() == "f is `src/l2b/_x.py:L4-L5` and g `src/l2b/_x.py:L8`.\n"  # --check writes nothing
+    assert check.returncode == 1 and f"{n_off} of {n_off} anchors are off their code" in check.stdout
+    assert doc.read_text() == before  # --check writes nothing
     assert run_tool("method_anchors.py", *root).returncode == 0
-    assert doc.read_text() == "f is `src/l2b/_x.py:L5-L7` and g `src/l2b/_x.py:L10`.\n"
     assert run_tool("method_anchors.py", "--check", *root).returncode == 0
+    return doc.read_text()
+
+
+def test_method_anchors_follow_moved_code_and_report_edited_code(tmp_path):
+    code, doc, root = pinned_repo(tmp_path, "import os\n\n\ndef f(a):\n    return a\n\n\ndef g():\n    pass\n",
+                                  "f is `src/l2b/_x.py:L4-L5` and g `src/l2b/_x.py:L8`.\n")
+
+    new_code = "import os\nimport sys\n\n\ndef f(a):\n    a += 1\n    return a\n\n\ndef g():\n    pass\n"
+    assert moved_anchors(code, doc, root, new_code, 2) == "f is `src/l2b/_x.py:L5-L7` and g `src/l2b/_x.py:L10`.\n"
 
     code.write_text(code.read_text().replace("def g():", "def g(b):"))  # the pinned line itself changed
     lost = run_tool("method_anchors.py", *root)
@@ -93,6 +107,15 @@ def test_method_anchors_follow_moved_code_and_report_edited_code(tmp_path):
 
     doc.write_text(doc.read_text() + "h is `src/l2b/_x.py:L1`.\n")  # a new anchor, not pinned yet
     assert "differ from the pinned ones" in run_tool("method_anchors.py", "--check", *root).stdout
+
+
+def test_method_anchors_tell_a_repeated_line_apart_by_the_function_it_is_in(tmp_path):
+    code, doc, root = pinned_repo(tmp_path, "def f():\n    p = 1\n\n\ndef g():\n    p = 1\n",
+                                  "`p` in g `src/l2b/_x.py:L6` and in f `src/l2b/_x.py:L2`.\n")
+
+    # g's copy moves to line 2 and f's to line 6: nearest-place alone would leave both anchors where they are
+    new_code = "def g():\n    p = 1\n\n\ndef f():\n    p = 1\n"
+    assert moved_anchors(code, doc, root, new_code, 2) == "`p` in g `src/l2b/_x.py:L2` and in f `src/l2b/_x.py:L6`.\n"
 
 
 def test_options_md_is_generated_from_the_config_declarations():

@@ -7,7 +7,9 @@
 Each anchor is pinned in docs/METHOD.anchors.json by the text of its first and last line (stripped).
 An edit above an anchor shifts the code, not the number; this tool finds the pinned pair of lines
 again (the occurrence nearest the old place, with the span length closest to the old one) and
-rewrites the number. Code moved to another file (its old file gone, or the pair no longer in it) is
+rewrites the number. A pinned line that occurs more than once (the same statement in two functions)
+is told apart by the definition it sits in (the nearest `def` or `class` line above it, pinned too).
+Code moved to another file (its old file gone, or the pair no longer in it) is
 looked for in every file under src/l2b, and the anchor follows it when exactly one file has it. An anchor whose first or last line was itself edited cannot be found: it is
 reported, and the author corrects it by hand and pins again.
 """
@@ -37,16 +39,26 @@ def label(path: str, first: int, last: int) -> str:
     return f"{path}:L{first}" + (f"-L{last}" if last != first else "")
 
 
+def enclosing(lines: list[str], first: int) -> str | None:
+    """The nearest ``def`` or ``class`` line at or above line ``first`` (1-based), or None."""
+    for line in reversed(lines[:first]):
+        if line.startswith(("def ", "async def ", "class ")):
+            return line
+    return None
+
+
 def relocate(lines: list[str], pin: dict, old_first: int, old_last: int) -> tuple[int, int] | None:
-    """Where the pinned first/last lines are now: nearest the old place, span length kept if possible."""
+    """Where the pinned first/last lines are now: in the pinned enclosing definition if possible, then
+    with the span length kept, then nearest the old place."""
     span = old_last - old_first
     best = None
     for i, line in enumerate(lines):
         if line != pin["first"]:
             continue
+        elsewhere = "within" in pin and enclosing(lines, i + 1) != pin["within"]
         for j in range(i, len(lines)):
             if lines[j] == pin["last"]:
-                key = (abs((j - i) - span), abs(i + 1 - old_first))
+                key = (elsewhere, abs((j - i) - span), abs(i + 1 - old_first))
                 if best is None or key < best[0]:
                     best = (key, (i + 1, j + 1))
     return None if best is None else best[1]
@@ -83,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             if last > len(lines) or first < 1 or last < first:
                 print(f"{label(path, first, last)} is outside {path} ({len(lines)} lines)")
                 return 1
-            pins.append({"anchor": label(path, first, last), "first": lines[first - 1], "last": lines[last - 1]})
+            pins.append({"anchor": label(path, first, last), "first": lines[first - 1], "last": lines[last - 1],
+                         "within": enclosing(lines, first)})
         pins_file.write_text(json.dumps(pins, indent=1) + "\n")
         print(f"pinned {len(pins)} anchors")
         return 0
@@ -97,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     moved, lost, pieces, pos = [], [], [], 0
     for (m, path, first, last), pin in zip(found, pins):
         lines = files[path]
-        if first <= last <= len(lines) and (lines[first - 1], lines[last - 1]) == (pin["first"], pin["last"]):
+        if first <= last <= len(lines) and (lines[first - 1], lines[last - 1]) == (pin["first"], pin["last"]) \
+                and enclosing(lines, first) == pin.get("within", enclosing(lines, first)):
             continue
         where, new_path = relocate(lines, pin, first, last), path
         if where is None:  # moved to another file?
@@ -127,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if moved:
         method.write_text("".join(pieces) + text[pos:])
-        pins = [{**p, "anchor": label(path, a, b)} for p, (_, path, a, b) in zip(pins, anchors(method.read_text()))]
+        pins = [{**p, "anchor": label(path, a, b), "within": enclosing(code_lines(root, path), a)}
+                for p, (_, path, a, b) in zip(pins, anchors(method.read_text()))]
         pins_file.write_text(json.dumps(pins, indent=1) + "\n")
     print(f"moved {len(moved)} anchors, {len(lost)} need a hand")
     return 1 if lost else 0
