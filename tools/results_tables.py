@@ -448,7 +448,7 @@ def which_method_table(runs: list) -> str:
 STUDY_DEV = ROOT / "docs" / "results" / "study" / "dev"  # the recipe study's development runs, seeds 1-5
 RECIPE_CANDIDATES = {  # block name -> (the candidates' folders under STUDY_DEV, config key, the default's value)
     "recipe-m128": (("default", "m128"), "val_batch_size", 100),
-    "recipe-epochs80": (("default", "epochs80"), "epochs", 40),
+    "recipe-epochs80": (("m128", "epochs80"), "epochs", 40),
     "tune-bootstrap": (("bootstrap/beta0.95", "bootstrap/beta0.8", "bootstrap/beta0.6"), "bootstrap_beta", 0.95),
     "tune-mwnet": (("mwnet/mwnet", "mwnet/mwnet-sum"), "method", "mwnet"),
 }
