@@ -587,6 +587,41 @@ WEIGHT_SCORES = (("auroc_alpha", "alpha"), ("auroc_beta", "beta"), ("auroc_alpha
                  ("auroc_beta_minus_alpha", "beta − alpha"))
 
 
+def _quarters(logged: list[list[dict]], key: str) -> str:
+    """``key``'s mean per quarter of each run's logged epochs, over the runs: "q1, q2, q3, q4"."""
+    quarters = []
+    for q in range(4):
+        values = [e[key] for epochs in logged for e in epochs[q * len(epochs) // 4:(q + 1) * len(epochs) // 4]
+                  if e.get(key) is not None]
+        quarters.append(f"{statistics.fmean(values):.2f}" if values else "—")
+    return ", ".join(quarters)
+
+
+def mwnet_weights_table() -> str:
+    """What MW-Net's weighting network learned: the mean weight V(l)/n of clean and of flipped samples,
+    and its AUROC as a score for "flipped", per quarter of training; the development runs of both forms
+    and the reproduction's runs (clean batch 100)."""
+    groups = [(f"`{form}`", "40% sym (development), m = n", _folder_runs(STUDY_DEV / "mwnet" / form))
+              for form in ("mwnet", "mwnet-sum")]
+    groups += [("`mwnet`", f"{setting_name}, clean batch 100 (reproduction)",
+                tuple(r for r in _folder_runs(RUNS / folder) if r.summary["method"] == "mwnet" and r.summary["seed"] in MAIN_SEEDS))
+               for folder, setting_name in (("sym40", "40% sym"), ("asym40", "40% asym"))]
+    lines = ["| form | setting | seeds | mean weight, clean: quarters 1-4 | mean weight, flipped: quarters 1-4 | "
+             "AUROC of the weight: quarters 1-4 |", "|---|---|---|---|---|---|"]
+    for form, where, runs in groups:
+        logged = [[e for e in r.metrics if "alpha_clean" in e] for r in runs]
+        logged = [epochs for epochs in logged if epochs]
+        if logged:
+            lines.append(f"| {form} | {where} | {len(logged)} | " + " | ".join(
+                _quarters(logged, key) for key in ("alpha_clean", "alpha_flipped", "auroc_alpha")) + " |")
+    lines += ["", "A sample's weight in the training loss is V(l_i; phi) / n for `mwnet` and V / sum V for "
+              "`mwnet-sum`; the mean weights are shown times n, as metrics.jsonl logs them (V itself for `mwnet`; "
+              "mean 1 over a batch for `mwnet-sum`, whatever V learns). Per epoch from metrics.jsonl, averaged "
+              "over the quarter's epochs after the warm-up and over the seeds; AUROC below one half: flipped "
+              "samples weighted less (—: not logged by the code of that time)."]
+    return "\n".join(lines)
+
+
 def weights_auroc_table() -> str:
     """How well each weight separates flipped from clean samples, per quarter of training, for L2B and
     L2RW under the frozen recipe: the AUROC of the epoch's mean weight as a score for "flipped"
@@ -601,14 +636,8 @@ def weights_auroc_table() -> str:
             logged = [epochs for epochs in logged if epochs]
             if not logged:
                 continue
-            cells = []
-            for key, _ in WEIGHT_SCORES:
-                quarters = []
-                for q in range(4):
-                    values = [e[key] for epochs in logged for e in epochs[q * len(epochs) // 4:(q + 1) * len(epochs) // 4]
-                              if e.get(key) is not None]
-                    quarters.append(f"{statistics.fmean(values):.2f}" if values else "—")
-                cells.append(", ".join(quarters) if key != "auroc_beta" or method != "l2rw" else "— (beta = 0)")
+            cells = [_quarters(logged, key) if key != "auroc_beta" or method != "l2rw" else "— (beta = 0)"
+                     for key, _ in WEIGHT_SCORES]
             lines.append(f"| {100 * rate:g}% {noise} | {method} | {len(logged)} | " + " | ".join(cells) + " |")
     lines += ["", "AUROC of each sample's mean weight over an epoch as a score for \"flipped\" (one half: no signal; a "
               "weight that does its job, lower for flipped samples, is below one half; beta − alpha is above one half "
@@ -674,6 +703,7 @@ def render(runs: list) -> dict[str, str]:
     blocks["which-method-mn"] = which_method_new_recipe_table()
     blocks["which-method-summary"] = which_method_summary()
     blocks["weights-auroc-mn"] = weights_auroc_table()
+    blocks["mwnet-weights"] = mwnet_weights_table()
     blocks["table9"] = table9()
     blocks["default-run"] = default_run_table()
     return blocks
