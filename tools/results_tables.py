@@ -649,7 +649,7 @@ def weights_auroc_table() -> str:
 def which_method_summary() -> str:
     """One sentence per baseline: at how many settings (best clean-val) L2B is ahead, level, behind."""
     found = frozen_recipe_runs()
-    parts, pending = [], []
+    parts, pending, counts = [], [], []
     for i, b in enumerate(FROZEN_BASELINES):
         by = {"ahead": [], "level": [], "behind": []}
         for (noise, rate), (role, _) in FROZEN_SETTINGS.items():
@@ -663,9 +663,12 @@ def which_method_summary() -> str:
         said = [f"{v} at {', '.join(by[v])}" for v in ("ahead", "level", "behind") if by[v]]
         if said:
             parts.append(f"against `{b}`, L2B is " + "; ".join(said))
-    text = ("At the best clean-validation epoch, under the frozen recipe (\"ahead\" and \"behind\": the 95% "
-            "interval excludes zero; \"level\": it contains it, not distinguishable at this number of seeds): "
-            + "; ".join(parts) + ".")
+            run = sum(map(len, by.values()))
+            counts.append(f"ahead of `{b}` at {len(by['ahead'])} of the {run} settings run"
+                          + (f" and behind it at {len(by['behind'])}" if by["behind"] else ""))
+    text = ("In short, L2B is " + "; ".join(counts) + ". In detail, at the best clean-validation epoch, under the "
+            "frozen recipe (\"ahead\" and \"behind\": the 95% interval excludes zero; \"level\": it contains it, "
+            "not distinguishable at this number of seeds): " + "; ".join(parts) + ".")
     if pending:
         text += " Not run yet (fewer than two seeds): " + ", ".join(pending) + "."
     return text
