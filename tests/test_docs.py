@@ -63,6 +63,16 @@ def test_a_value_span_is_computed_from_the_run_folders():
         values.value("acc l2b,epochs=80 sym40 seeds=7")
 
 
+def test_the_verdict_is_ahead_or_behind_only_where_the_95_percent_interval_excludes_zero():
+    tables = load_tool("results_tables")
+    # three seeds: half-width t(0.975, 2) * s / sqrt(3) = 4.303 * 0.2 / 1.732 = 0.497 around a mean of 1
+    assert tables._verdict([1.0, 1.2, 0.8]) == "ahead"
+    assert tables._verdict([-1.0, -1.2, -0.8]) == "behind"
+    assert tables._verdict([0.6, 1.4, 1.0]) == "ahead"  # s = 0.4: half-width 0.994, just short of the mean
+    assert tables._verdict([0.58, 1.42, 1.0]) == "level"  # s = 0.42: half-width 1.04, past it
+    assert tables._verdict([2.5]) is None  # one seed has no interval
+
+
 def test_method_md_anchors_start_and_end_on_their_pinned_lines():
     done = run_tool("method_anchors.py", "--check")
     assert done.returncode == 0, done.stdout + done.stderr

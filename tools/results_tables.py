@@ -33,6 +33,7 @@ from pathlib import Path
 
 from l2b.apps.report import aggregate, load_runs, sample_groups
 from results_values import config, quarters, value
+from select_by_val import mean_and_half_width
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "RESULTS.md"
@@ -393,7 +394,6 @@ def table9(file: str = "table9_cpu.json") -> str:
 
 
 # two-sided 95% Student-t quantiles t_{0.975, df}, df = 1..10 (the standard table; seeds per cell are few)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 # the study's protocol (docs/RESULTS.md, "Protocol"): recipes are chosen on the development setting only
 DEV_SETTING = ("sym", 0.4)
 HELD_OUT = (("sym", 0.2), ("sym", 0.5), ("asym", 0.4))
@@ -404,18 +404,10 @@ def paired_interval(diffs: list[float]) -> str:
     n = len(diffs)
     if n == 0:
         return "—"
-    mean, half = _mean_and_half_width(diffs)
+    mean, half = mean_and_half_width(diffs)
     if n == 1:
         return f"{mean:+.2f} (1 seed)"
     return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] ({n})"
-
-
-def _mean_and_half_width(diffs: list[float]) -> tuple[float, float | None]:
-    """Mean of the differences and the half-width of its 95% t-interval (None under two seeds)."""
-    mean = statistics.fmean(diffs)
-    if len(diffs) < 2:
-        return mean, None
-    return mean, T975[min(len(diffs) - 1, 10)] * statistics.stdev(diffs) / len(diffs) ** 0.5
 
 
 def which_method_table(runs: list) -> str:
@@ -527,7 +519,7 @@ def _verdict(diffs: list[float]) -> str | None:
     """"ahead" / "behind" where the 95% interval excludes zero, "level" where it contains it; None under 2 seeds."""
     if len(diffs) < 2:
         return None
-    mean, half = _mean_and_half_width(diffs)
+    mean, half = mean_and_half_width(diffs)
     return "ahead" if mean - half > 0 else "behind" if mean + half < 0 else "level"
 
 

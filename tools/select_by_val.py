@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import functools
 import math
 import statistics
 import sys
@@ -102,6 +103,7 @@ def _text(cand: tuple) -> str:
     return ",".join(str(v) for v in cand)
 
 
+@functools.cache  # a pure function, asked for the same few degrees of freedom many times
 def t_quantile(p: float, df: int) -> float:
     """The p-quantile (p > 0.5) of Student's t with df degrees of freedom, by bisection on its CDF."""
     const = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
@@ -118,13 +120,17 @@ def t_quantile(p: float, df: int) -> float:
     return (lo + hi) / 2
 
 
-def paired(scores: dict[int, float], ref: dict[int, float]) -> tuple[float, float | None]:
-    """Mean paired difference (scores - ref, same seeds) and the half-width of its 95% t-interval."""
-    diffs = [scores[s] - ref[s] for s in scores]
+def mean_and_half_width(diffs: list[float]) -> tuple[float, float | None]:
+    """Mean of paired differences and the half-width of its 95% t-interval (None under two)."""
     mean = statistics.fmean(diffs)
     if len(diffs) < 2:
         return mean, None
     return mean, t_quantile(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+
+
+def paired(scores: dict[int, float], ref: dict[int, float]) -> tuple[float, float | None]:
+    """Mean paired difference (scores - ref, same seeds) and the half-width of its 95% t-interval."""
+    return mean_and_half_width([scores[s] - ref[s] for s in scores])
 
 
 def select(table: dict[tuple, dict[int, float]], reference: tuple | None = None) -> dict:
