@@ -614,13 +614,12 @@ def mwnet_weights_table() -> str:
     return "\n".join(lines)
 
 
-def weights_auroc_table() -> str:
-    """How well each weight separates flipped from clean samples, per quarter of training, for L2B and
-    L2RW under the frozen recipe: the AUROC of the epoch's mean weight as a score for "flipped"
-    (metrics.jsonl), averaged over the seeds and the quarter's epochs."""
+def _frozen_quarters_rows(columns: tuple[tuple[str, str], ...]) -> list[str]:
+    """A table of metrics.jsonl keys per quarter of the meta epochs (after the warm-up), L2B and L2RW under
+    the frozen recipe, one row per setting and method, averaged over the seeds: its header and rows."""
     found = frozen_recipe_runs()
-    lines = ["| setting | method | seeds | " + " | ".join(f"{name}: quarters 1-4" for _, name in WEIGHT_SCORES) + " |",
-             "|---|---|---|" + "---|" * len(WEIGHT_SCORES)]
+    lines = ["| setting | method | seeds | " + " | ".join(f"{name}: quarters 1-4" for _, name in columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
     for noise, rate in FROZEN_SETTINGS:
         for method in ("l2b", "l2rw"):
             runs = [r for (n_, r_, m, _), r in sorted(found.items()) if (n_, r_, m) == (noise, rate, method)]
@@ -629,13 +628,33 @@ def weights_auroc_table() -> str:
             if not logged:
                 continue
             cells = [_quarters(logged, key) if key != "auroc_beta" or method != "l2rw" else "— (beta = 0)"
-                     for key, _ in WEIGHT_SCORES]
+                     for key, _ in columns]
             lines.append(f"| {100 * rate:g}% {noise} | {method} | {len(logged)} | " + " | ".join(cells) + " |")
-    lines += ["", "AUROC of each sample's mean weight over an epoch as a score for \"flipped\" (one half: no signal; a "
-              "weight that does its job, lower for flipped samples, is below one half; beta − alpha is above one half "
-              "when the pair points at flipped samples), per epoch from metrics.jsonl, averaged over the quarter's "
-              "epochs after the warm-up and over the seeds. Runs: those of the table above."]
-    return "\n".join(lines)
+    return lines
+
+
+def weights_auroc_table() -> str:
+    """How well each weight separates flipped from clean samples, per quarter of training, for L2B and
+    L2RW under the frozen recipe: the AUROC of the epoch's mean weight as a score for "flipped"
+    (metrics.jsonl), averaged over the seeds and the quarter's epochs."""
+    return "\n".join(_frozen_quarters_rows(WEIGHT_SCORES) + [
+        "", "AUROC of each sample's mean weight over an epoch as a score for \"flipped\" (one half: no signal; a "
+        "weight that does its job, lower for flipped samples, is below one half; beta − alpha is above one half "
+        "when the pair points at flipped samples), per epoch from metrics.jsonl, averaged over the quarter's "
+        "epochs after the warm-up and over the seeds. Runs: those of the table above."])
+
+
+PREDICTION_SCORES = (("train_acc_flipped", "flipped samples"), ("train_acc_clean", "clean samples"))
+
+
+def predictions_table() -> str:
+    """How often the model's training-time prediction (L2B's pseudo-label) is the true class, on the flipped
+    and on the clean training samples, per quarter of training, L2B and L2RW under the frozen recipe."""
+    return "\n".join(_frozen_quarters_rows(PREDICTION_SCORES) + [
+        "", "Percentage of training samples whose prediction in the training step's forward (train mode; for "
+        "L2B, the pseudo-label of g_i) is the true class, per epoch from metrics.jsonl (`train_acc_flipped`, "
+        "`train_acc_clean`), averaged over the quarter's epochs after the warm-up and over the seeds. Runs: "
+        "those of the first table."])
 
 
 def which_method_summary() -> str:
@@ -698,6 +717,7 @@ def render(runs: list) -> dict[str, str]:
     blocks["which-method-mn"] = which_method_new_recipe_table()
     blocks["which-method-summary"] = which_method_summary()
     blocks["weights-auroc-mn"] = weights_auroc_table()
+    blocks["predictions-mn"] = predictions_table()
     blocks["mwnet-weights"] = mwnet_weights_table()
     blocks["table9"] = table9()
     blocks["default-run"] = default_run_table()
