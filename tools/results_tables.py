@@ -657,29 +657,39 @@ def predictions_table() -> str:
         "those of the first table."])
 
 
+def _verdicts(found: dict, i: int, acc: str) -> tuple[dict[str, list[str]], list[str]]:
+    """Baseline ``i``'s settings by verdict ("ahead", "level", "behind") at ``acc``, and those not run."""
+    by, pending = {"ahead": [], "level": [], "behind": []}, []
+    for (noise, rate), (role, _) in FROZEN_SETTINGS.items():
+        verdict = _verdict(_frozen_cells(found, noise, rate, acc)[i][1])
+        name = f"{100 * rate:g}% {noise}" + (" (development)" if role == "development" else "")
+        (pending if verdict is None else by[verdict]).append(name)
+    return by, pending
+
+
+def _count(b: str, by: dict[str, list[str]]) -> str:
+    return (f"ahead of `{b}` at {len(by['ahead'])} of the {sum(map(len, by.values()))} settings run"
+            + (f" and behind it at {len(by['behind'])}" if by["behind"] else ""))
+
+
 def which_method_summary() -> str:
-    """One sentence per baseline: at how many settings (best clean-val) L2B is ahead, level, behind."""
+    """The verdicts in words: per baseline, at how many settings L2B is ahead and behind at the best
+    clean-val epoch and at the last epoch, then where (best clean-val), then what is not run."""
     found = frozen_recipe_runs()
-    parts, pending, counts = [], [], []
+    parts, pending, counts, last = [], [], [], []
     for i, b in enumerate(FROZEN_BASELINES):
-        by = {"ahead": [], "level": [], "behind": []}
-        for (noise, rate), (role, _) in FROZEN_SETTINGS.items():
-            verdict = _verdict(_frozen_cells(found, noise, rate, "test_acc_best_val")[i][1])
-            name = f"{100 * rate:g}% {noise}" + (" (development)" if role == "development" else "")
-            if verdict is None:
-                if b != "l2b-convex":  # the convex mix is reported where run, not listed as missing
-                    pending.append(f"{b} at {name}")
-            else:
-                by[verdict].append(name)
+        by, missing = _verdicts(found, i, "test_acc_best_val")
+        if b != "l2b-convex":  # the convex mix is reported where run, not listed as missing
+            pending += [f"{b} at {name}" for name in missing]
         said = [f"{v} at {', '.join(by[v])}" for v in ("ahead", "level", "behind") if by[v]]
         if said:
             parts.append(f"against `{b}`, L2B is " + "; ".join(said))
-            run = sum(map(len, by.values()))
-            counts.append(f"ahead of `{b}` at {len(by['ahead'])} of the {run} settings run"
-                          + (f" and behind it at {len(by['behind'])}" if by["behind"] else ""))
-    text = ("In short, L2B is " + "; ".join(counts) + ". In detail, at the best clean-validation epoch, under the "
-            "frozen recipe (\"ahead\" and \"behind\": the 95% interval excludes zero; \"level\": it contains it, "
-            "not distinguishable at this number of seeds): " + "; ".join(parts) + ".")
+            counts.append(_count(b, by))
+            last.append(_count(b, _verdicts(found, i, "test_acc_last")[0]))
+    text = ("In short, L2B is " + "; ".join(counts) + " (at the best clean-validation epoch); without model "
+            "selection, at the last epoch, it is " + "; ".join(last) + ". In detail, at the best clean-validation "
+            "epoch, under the frozen recipe (\"ahead\" and \"behind\": the 95% interval excludes zero; \"level\": "
+            "it contains it, not distinguishable at this number of seeds): " + "; ".join(parts) + ".")
     if pending:
         text += " Not run yet (fewer than two seeds): " + ", ".join(pending) + "."
     return text
