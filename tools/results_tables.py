@@ -668,7 +668,8 @@ def _verdicts(found: dict, i: int, acc: str) -> tuple[dict[str, list[str]], list
 
 
 def _count(b: str, by: dict[str, list[str]]) -> str:
-    return (f"ahead of `{b}` at {len(by['ahead'])} of the {sum(map(len, by.values()))} settings run"
+    run = sum(map(len, by.values()))
+    return (f"ahead of `{b}` at {len(by['ahead'])} of the {run} setting{'s' * (run != 1)} run"
             + (f" and behind it at {len(by['behind'])}" if by["behind"] else ""))
 
 
