@@ -591,10 +591,12 @@ def _quarters(logged: list[list[dict]], key: str) -> str:
 
 def mwnet_weights_table() -> str:
     """What MW-Net's weighting network learned: the mean weight V(l)/n of clean and of flipped samples,
-    and its AUROC as a score for "flipped", per quarter of training; the development runs of both forms
-    and the reproduction's runs (clean batch 100)."""
+    and its AUROC as a score for "flipped", per quarter of training; the development runs of both forms,
+    `mwnet` at 40% asymmetric noise under the same recipe, and the reproduction's runs (clean batch 100)."""
     groups = [(f"`{form}`", "40% sym (development), m = n", _folder_runs(STUDY_DEV / "mwnet" / form))
               for form in ("mwnet", "mwnet-sum")]
+    groups.append(("`mwnet`", "40% asym, m = n", tuple(r for r in _folder_runs(STUDY_HELDOUT / "asym40")
+                                                      if r.summary["method"] == "mwnet")))
     groups += [("`mwnet`", f"{setting_name}, clean batch 100 (reproduction)",
                 tuple(r for r in _folder_runs(RUNS / folder) if r.summary["method"] == "mwnet" and r.summary["seed"] in MAIN_SEEDS))
                for folder, setting_name in (("sym40", "40% sym"), ("asym40", "40% asym"))]
