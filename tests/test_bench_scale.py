@@ -15,7 +15,7 @@ def test_bench_step_reports_fd_and_amp():
     assert set(r["seconds"]) == {"ce", "l2b_exact", "l2b_exact_generic", "l2b_unfused", "l2b_fd"}
     assert r["amp"] == "bf16" and r["l2b_over_reference"] is None and r["l2b_over_peer"] is None
     assert all(0 < r["min_seconds"][k] <= v for k, v in r["seconds"].items())
-    assert set(r["components"]) == {"forward", "forward_backward", "clean_pass", "dual_forward",
+    assert set(r["components"]) == {"forward", "backward", "clean_pass", "dual_forward",
                                     "dual_forward_generic"}
     # the floor is assembled from the components: a CE step plus a clean pass plus a backward
     assert r["floor_seconds"] > 0 and r["floor_ratio_to_ce"] > 1

@@ -23,8 +23,12 @@ from .common import PEERS, has_higher, header, random_batch, step_env, sync
 STEP_KINDS = ("ce", "l2b_exact", "l2b_exact_generic", "l2b_unfused", "l2b_fd", "reference_double_backward")
 
 
+def _nothing():  # the setup of a part that needs none
+    return None
+
+
 def _components(env, x, y, xv, yv):
-    """The parts an exact step is made of, each timed alone: name -> fn()."""
+    """The parts an exact step is made of, each timed alone: name -> (setup, fn); only fn(setup()) is timed."""
     net, opt, autocast = env.net, env.opt, env.autocast
     params = {n: p for n, p in net.named_parameters() if p.requires_grad}
     with meta_mode(net), autocast():
@@ -34,11 +38,13 @@ def _components(env, x, y, xv, yv):
         with autocast():
             net(x)
 
-    def forward_backward():
-        with autocast():
-            loss = F.cross_entropy(net(x), y)
+    def loss():  # untimed setup of `backward`: a difference of two noisy timings can come out negative
         opt.zero_grad(set_to_none=True)
-        env.scaler.scale(loss).backward()
+        with autocast():
+            return env.scaler.scale(F.cross_entropy(net(x), y))
+
+    def backward(scaled_loss):
+        scaled_loss.backward()
 
     def clean_pass():  # v = s * grad G(theta'): the clean batch's forward and backward at the look-ahead point
         with meta_mode(net), autocast():
@@ -48,8 +54,10 @@ def _components(env, x, y, xv, yv):
         with autocast(), native_tangents() if generic else contextlib.nullcontext():
             dual_forward(net, x, params, v)
 
-    return {"forward": forward, "forward_backward": forward_backward, "clean_pass": clean_pass,
-            "dual_forward": dual, "dual_forward_generic": lambda: dual(generic=True)}
+    parts = {"forward": forward, "clean_pass": clean_pass, "dual_forward": dual,
+             "dual_forward_generic": lambda: dual(generic=True)}
+    return {"backward": (loss, backward), **{k: (_nothing, lambda _, fn=fn: fn()) for k, fn in parts.items()}}
+
 
 
 def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_size: int = 100,
@@ -63,9 +71,9 @@ def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_siz
     (the same with PyTorch's generic forward-mode rules); ``l2b_unfused`` (``meta_weights``, then a
     separate real forward); ``l2b_fd``; ``reference_double_backward`` (unless ``reference=False``);
     ``peer_higher`` with ``peer="higher"`` (:func:`higher_meta_weights`). Every round runs each kind
-    once, then each component (forward, forward + backward, the clean pass, the dual forward with
+    once, then each component (forward, backward of a CE loss, the clean pass, the dual forward with
     either rules); ratios are medians of per-round ratios. The floor of an exact step is a CE step +
-    the clean pass + one backward (forward_backward - forward), the cost of a tangent taken to be a
+    the clean pass + one backward, the cost of a tangent taken to be a
     backward's. ``memory``: each kind's peak memory over one step, in a fresh process (see
     :func:`peak_memory_of_step`).
     """
@@ -78,15 +86,16 @@ def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_siz
     names = [k for k in STEP_KINDS if reference or k != "reference_double_backward"]
     names += [f"peer_{peer}"] if peer else []
     batch = random_batch(dev, layout, batch_size, val_batch_size, image_shape, num_classes)
-    kinds = {k: (lambda fn=all_kinds[k]: fn(*batch)) for k in names}
+    kinds = {k: (_nothing, lambda _, fn=all_kinds[k]: fn(*batch)) for k in names}
     parts = _components(env, *batch)
     times = {k: [] for k in (*kinds, *parts)}
     net.train()
     for i in range(warmup + steps):
-        for name, fn in (*kinds.items(), *parts.items()):  # interleaved: drift in machine speed hits all alike
+        for name, (setup, fn) in (*kinds.items(), *parts.items()):  # interleaved: drift hits all alike
+            arg = setup()
             sync(dev)
             t0 = time.perf_counter()
-            fn()
+            fn(arg)
             sync(dev)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
@@ -95,8 +104,7 @@ def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_siz
     def paired(k, base):  # median over rounds of the round's ratio
         return statistics.median(a / b for a, b in zip(times[k], times[base]))
 
-    backward = [fb - f for fb, f in zip(times["forward_backward"], times["forward"])]
-    floor = [ce + clean + b for ce, clean, b in zip(times["ce"], times["clean_pass"], backward)]
+    floor = [ce + clean + b for ce, clean, b in zip(times["ce"], times["clean_pass"], times["backward"])]
     floor_ratio = statistics.median(f / ce for f, ce in zip(floor, times["ce"]))
     result = {
         "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
