@@ -73,6 +73,18 @@ def test_the_verdict_is_ahead_or_behind_only_where_the_95_percent_interval_exclu
     assert tables._verdict([2.5]) is None  # one seed has no interval
 
 
+def test_a_run_on_the_full_training_set_is_its_own_setting():
+    # the held-out setting at scale shares noise and rate with the development setting: pairing its runs
+    # with the development ones would compare runs of different budgets
+    from types import SimpleNamespace
+
+    tables = load_tool("results_tables")
+    summary = {"noise": "sym", "noise_rate": 0.4}
+    subset_run, full_run = (SimpleNamespace(summary=summary, config={"subset": n}) for n in (3000, 0))
+    assert tables.setting_name(subset_run) == "40% sym" and tables.setting_name(full_run) == "40% sym, full training set"
+    assert {tables.setting_name(subset_run), tables.setting_name(full_run)} <= set(tables.FROZEN_SETTINGS)
+
+
 def test_method_md_anchors_start_and_end_on_their_pinned_lines():
     done = run_tool("method_anchors.py", "--check")
     assert done.returncode == 0, done.stdout + done.stderr

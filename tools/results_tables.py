@@ -471,14 +471,16 @@ def recipe_table(folders: tuple[str, ...], key: str, default) -> str:
 
 
 STUDY_HELDOUT = ROOT / "docs" / "results" / "study" / "heldout"  # held-out settings under the frozen recipe
-# the protocol's settings under the frozen recipe: (noise, rate) -> (role, where its runs are)
+FULL_SET = ", full training set"
+# the protocol's settings under the frozen recipe: name (setting_name of its runs) -> (role, where its runs are)
 FROZEN_SETTINGS = {
-    ("sym", 0.4): ("development", (STUDY_DEV / "m128", STUDY_DEV / "baselines")),
-    ("sym", 0.2): ("held out", (STUDY_HELDOUT / "sym20",)),
-    ("sym", 0.5): ("held out", (STUDY_HELDOUT / "sym50",)),
-    ("asym", 0.4): ("held out", (STUDY_HELDOUT / "asym40",)),
-    ("pairflip", 0.4): ("held out", (STUDY_HELDOUT / "pairflip40",)),
-    ("instance", 0.4): ("held out", (STUDY_HELDOUT / "instance40",)),
+    "40% sym": ("development", (STUDY_DEV / "m128", STUDY_DEV / "baselines")),
+    "20% sym": ("held out", (STUDY_HELDOUT / "sym20",)),
+    "50% sym": ("held out", (STUDY_HELDOUT / "sym50",)),
+    "40% asym": ("held out", (STUDY_HELDOUT / "asym40",)),
+    "40% pairflip": ("held out", (STUDY_HELDOUT / "pairflip40",)),
+    "40% instance": ("held out", (STUDY_HELDOUT / "instance40",)),
+    "40% sym" + FULL_SET: ("held out", (STUDY_HELDOUT / "full40",)),
 }
 FROZEN_BASELINES = ("l2rw", "glc", "ce", "l2b-convex")
 # ce never draws a clean batch, so the clean batch of the recipe does not reach it (tests/test_baselines.py,
@@ -487,29 +489,33 @@ FROZEN_BASELINES = ("l2rw", "glc", "ce", "l2b-convex")
 UNTOUCHED_BY_RECIPE = ("ce",)
 
 
+def setting_name(run) -> str:
+    """A run's setting as the study's tables name it: "40% sym", or "40% sym, full training set"."""
+    s = run.summary
+    return f"{100 * s['noise_rate']:g}% {s['noise']}" + (FULL_SET if not run.config.get("subset") else "")
+
+
 def frozen_recipe_runs() -> dict[tuple, object]:
-    """(noise, rate, method, seed) -> run, for the frozen recipe's comparison (its own runs first)."""
+    """(setting name, method, seed) -> run, for the frozen recipe's comparison (its own runs first)."""
     found = {}
-    for (noise, rate), (_, folders) in FROZEN_SETTINGS.items():
+    for setting, (_, folders) in FROZEN_SETTINGS.items():
         for folder in folders:
             for r in _folder_runs(folder):
-                s = r.summary
-                if (s["noise"], s["noise_rate"]) == (noise, rate) and r.config.get("val_batch_size") in (0, r.config.get("batch_size")):
-                    found.setdefault((noise, rate, s["method"], s["seed"]), r)
+                if setting_name(r) == setting and r.config.get("val_batch_size") in (0, r.config.get("batch_size")):
+                    found.setdefault((setting, r.summary["method"], r.summary["seed"]), r)
     for r in _folder_runs(RUNS / "asym40") + tuple(r for f in sorted(RUNS.glob("sym*")) for r in _folder_runs(f)):
         s = r.summary
-        key = (s["noise"], s["noise_rate"], s["method"], s["seed"])
-        if s["method"] in UNTOUCHED_BY_RECIPE and (s["noise"], s["noise_rate"]) in FROZEN_SETTINGS and not _changes(r):
-            found.setdefault(key, r)
+        if s["method"] in UNTOUCHED_BY_RECIPE and setting_name(r) in FROZEN_SETTINGS and not _changes(r):
+            found.setdefault((setting_name(r), s["method"], s["seed"]), r)
     return found
 
 
-def _frozen_cells(found: dict, noise: str, rate: float, acc: str) -> list[tuple[str, list[float]]]:
+def _frozen_cells(found: dict, setting: str, acc: str) -> list[tuple[str, list[float]]]:
     """Per baseline: its interval text and the paired differences L2B - baseline (seeds both finished)."""
     cells = []
     for b in FROZEN_BASELINES:
-        seeds = sorted(s for (n_, r_, m, s) in found if (n_, r_, m) == (noise, rate, "l2b") and (noise, rate, b, s) in found)
-        diffs = [found[noise, rate, "l2b", s].summary[acc] - found[noise, rate, b, s].summary[acc] for s in seeds]
+        seeds = sorted(s for (n_, m, s) in found if (n_, m) == (setting, "l2b") and (setting, b, s) in found)
+        diffs = [found[setting, "l2b", s].summary[acc] - found[setting, b, s].summary[acc] for s in seeds]
         cells.append((paired_interval(diffs), diffs))
     return cells
 
@@ -552,15 +558,15 @@ def which_method_new_recipe_table() -> str:
     lines = ["| setting | role | epoch | L2B | " + " | ".join(f"L2B − {b}" for b in FROZEN_BASELINES) + " |",
              "|---|---|---|---|" + "---|" * len(FROZEN_BASELINES)]
     stand_ins, stand_in_devices = set(), set()
-    for (noise, rate), (role, _) in FROZEN_SETTINGS.items():
-        l2b = [r.summary for (n_, r_, m, _), r in found.items() if (n_, r_, m) == (noise, rate, "l2b")]
+    for setting, (role, _) in FROZEN_SETTINGS.items():
+        l2b = [r.summary for (n_, m, _), r in found.items() if (n_, m) == (setting, "l2b")]
         for acc, epoch in (("test_acc_best_val", "best clean-val"), ("test_acc_last", "last")):
             mean = f"{statistics.fmean(s[acc] for s in l2b):.2f} ({len(l2b)})" if l2b else "—"
-            cells = [text for text, _ in _frozen_cells(found, noise, rate, acc)]
-            lines.append(f"| {100 * rate:g}% {noise} | {role} | {epoch} | {mean} | " + " | ".join(cells) + " |")
-        for (n_, r_, m, _), r in found.items():
-            if (n_, r_, m) == (noise, rate, "ce") and RUNS in r.path.parents:
-                stand_ins.add(f"{100 * rate:g}% {noise}")
+            cells = [text for text, _ in _frozen_cells(found, setting, acc)]
+            lines.append(f"| {setting} | {role} | {epoch} | {mean} | " + " | ".join(cells) + " |")
+        for (n_, m, _), r in found.items():
+            if (n_, m) == (setting, "ce") and RUNS in r.path.parents:
+                stand_ins.add(setting)
                 stand_in_devices.add(str(r.config.get("device")).upper())
     folders = sorted({str(f.relative_to(ROOT)) for _, fs in FROZEN_SETTINGS.values() for f in fs if f.is_dir()})
     lines += ["", "L2B: its mean test accuracy (seeds). Paired difference L2B − baseline in test accuracy (points): "
@@ -621,16 +627,16 @@ def _frozen_quarters_rows(columns: tuple[tuple[str, str], ...]) -> list[str]:
     found = frozen_recipe_runs()
     lines = ["| setting | method | seeds | " + " | ".join(f"{name}: quarters 1-4" for _, name in columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]
-    for noise, rate in FROZEN_SETTINGS:
+    for setting in FROZEN_SETTINGS:
         for method in ("l2b", "l2rw"):
-            runs = [r for (n_, r_, m, _), r in sorted(found.items()) if (n_, r_, m) == (noise, rate, method)]
+            runs = [r for (n_, m, _), r in sorted(found.items()) if (n_, m) == (setting, method)]
             logged = [[e for e in r.metrics if "auroc_alpha" in e] for r in runs]
             logged = [epochs for epochs in logged if epochs]
             if not logged:
                 continue
             cells = [_quarters(logged, key) if key != "auroc_beta" or method != "l2rw" else "— (beta = 0)"
                      for key, _ in columns]
-            lines.append(f"| {100 * rate:g}% {noise} | {method} | {len(logged)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {setting} | {method} | {len(logged)} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -661,9 +667,9 @@ def predictions_table() -> str:
 def _verdicts(found: dict, i: int, acc: str) -> tuple[dict[str, list[str]], list[str]]:
     """Baseline ``i``'s settings by verdict ("ahead", "level", "behind") at ``acc``, and those not run."""
     by, pending = {"ahead": [], "level": [], "behind": []}, []
-    for (noise, rate), (role, _) in FROZEN_SETTINGS.items():
-        verdict = _verdict(_frozen_cells(found, noise, rate, acc)[i][1])
-        name = f"{100 * rate:g}% {noise}" + (" (development)" if role == "development" else "")
+    for setting, (role, _) in FROZEN_SETTINGS.items():
+        verdict = _verdict(_frozen_cells(found, setting, acc)[i][1])
+        name = setting + (" (development)" if role == "development" else "")
         (pending if verdict is None else by[verdict]).append(name)
     return by, pending
 
@@ -693,7 +699,7 @@ def which_method_summary() -> str:
             "epoch, under the frozen recipe (\"ahead\" and \"behind\": the 95% interval excludes zero; \"level\": "
             "it contains it, not distinguishable at this number of seeds): " + "; ".join(parts) + ".")
     if pending:
-        text += " Not run yet (fewer than two seeds): " + ", ".join(pending) + "."
+        text += " Not run yet (fewer than two seeds): " + "; ".join(pending) + "."
     return text
 
 
