@@ -440,6 +440,8 @@ STUDY_DEV = ROOT / "docs" / "results" / "study" / "dev"  # the recipe study's de
 RECIPE_CANDIDATES = {  # block name -> (the candidates' folders under STUDY_DEV, config key, the default's value)
     "recipe-m128": (("default", "m128"), "val_batch_size", 100),
     "recipe-epochs80": (("m128", "epochs80"), "epochs", 40),
+    "recipe-pseudo-eval": (("m128", "pseudo-eval"), "pseudo_from", "train"),
+    "recipe-lr": (("m128", "lr0.15"), "lr", 0.05),
     "tune-bootstrap": (("bootstrap/beta0.95", "bootstrap/beta0.8", "bootstrap/beta0.6"), "bootstrap_beta", 0.95),
     "tune-mwnet": (("mwnet/mwnet", "mwnet/mwnet-sum"), "method", "mwnet"),
 }
