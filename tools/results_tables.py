@@ -582,6 +582,32 @@ def which_method_new_recipe_table() -> str:
     return "\n".join(lines)
 
 
+def clean_set_fit_table() -> str:
+    """Whether a method's clean-validation accuracy can select its epoch: per setting under the frozen
+    recipe and method, the runs whose clean-val accuracy reaches 100% (GLC trains on clean batches, so
+    it fits the very images it is selected on), the epochs spent at its maximum, the selected epoch, and
+    the test accuracy there and at the last epoch."""
+    found = frozen_recipe_runs()
+    lines = ["| setting | method | runs | clean-val maximum | runs at 100% | epochs at the maximum | selected epoch | "
+             "test at selected epoch | test at last epoch |", "|---|---|---|---|---|---|---|---|---|"]
+    for setting in FROZEN_SETTINGS:
+        for method in ("glc", "l2b", "l2rw"):
+            runs = [r for (n_, m, _), r in sorted(found.items()) if (n_, m) == (setting, method)]
+            if not runs:
+                continue
+            top = [max(e["val_acc"] for e in r.metrics) for r in runs]
+            at_top = [sum(e["val_acc"] == t for e in r.metrics) for r, t in zip(runs, top)]
+            chosen = [r.summary["best_val_epoch"] for r in runs]
+            lines.append(f"| {setting} | {method} | {len(runs)} | {statistics.fmean(top):.2f} | {sum(t == 100 for t in top)} | "
+                         f"{min(at_top)}-{max(at_top)} of {runs[0].summary['epochs']} | {min(chosen)}-{max(chosen)} | "
+                         f"{statistics.fmean(r.summary['test_acc_best_val'] for r in runs):.2f} | "
+                         f"{statistics.fmean(r.summary['test_acc_last'] for r in runs):.2f} |")
+    lines += ["", "Per run from metrics.jsonl and summary.json: the clean-validation accuracy's maximum over the "
+              "epochs (mean over the runs) and how many epochs reach it (ties: the trainer keeps the first, `best.pt`); test accuracy "
+              "in points, mean over the runs. Runs: those of the first table."]
+    return "\n".join(lines)
+
+
 WEIGHT_SCORES = (("auroc_alpha", "alpha"), ("auroc_beta", "beta"), ("auroc_alpha_plus_beta", "alpha + beta"),
                  ("auroc_beta_minus_alpha", "beta − alpha"))
 
@@ -736,6 +762,7 @@ def render(runs: list) -> dict[str, str]:
         blocks[name] = recipe_table(*spec)
     blocks["which-method-mn"] = which_method_new_recipe_table()
     blocks["which-method-summary"] = which_method_summary()
+    blocks["clean-set-fit"] = clean_set_fit_table()
     blocks["weights-auroc-mn"] = weights_auroc_table()
     blocks["predictions-mn"] = predictions_table()
     blocks["mwnet-weights"] = mwnet_weights_table()
