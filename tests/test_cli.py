@@ -6,13 +6,14 @@ import l2b.data.benchmarks
 from l2b.cli import main
 
 SUMMARY_KEYS = {"method", "dataset", "noise", "noise_rate", "noise_rate_actual", "epochs", "seed", "test_acc_last",
-                "test_acc_best_val", "best_val_epoch", "test_acc_max", "train_seconds"}
+                "test_acc_best_val", "best_val_epoch", "test_acc_max", "val_is_train", "train_seconds"}
 
 
-@pytest.mark.parametrize("method", ["l2b", "ce"])
+@pytest.mark.parametrize("method", ["l2b", "ce", "glc"])
 def test_train_writes_the_run_folder(tmp_path, tiny_args, method, capsys):
     out = tmp_path / "run"
-    assert main(["train", "--method", method, "--out", str(out), *tiny_args]) == 0
+    extra = ["--stage1-epochs", "1"] if method == "glc" else []
+    assert main(["train", "--method", method, "--out", str(out), *tiny_args, *extra]) == 0
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoint.pt", "noise.json", "noisy_labels.npy"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
@@ -26,10 +27,14 @@ def test_train_writes_the_run_folder(tmp_path, tiny_args, method, capsys):
     meta_keys = {"alpha_clean", "alpha_flipped", "beta_clean", "beta_flipped"}
     if method == "l2b":
         assert meta_keys <= set(lines[-1]) and not meta_keys & set(lines[0])  # epoch 1 is warm-up
-    else:
+    elif method == "ce":
         assert not meta_keys & set(lines[-1])
     assert summary["test_acc_max"] == max(m["test_acc"] for m in lines)
-    assert "test accuracy, best clean-val epoch" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "test accuracy, best clean-val epoch" in printed
+    # glc trains on the clean batches it is selected on: its summary and its printout say so, the others' do not
+    assert summary["val_is_train"] == (method == "glc")
+    assert ("glc trains on the clean set, so this selects nothing" in printed) == (method == "glc")
 
 
 def _one_error_line(capsys):

@@ -109,7 +109,9 @@ def format_summary(s: dict) -> str:
     return "\n".join([
         f"l2b train: {s['method']} on {s['dataset']}, noise {noise}, {s['epochs']} epochs, seed {s['seed']}",
         f"  test accuracy, last epoch           {_pct(s['test_acc_last'])}",
-        f"  test accuracy, best clean-val epoch {_pct(s['test_acc_best_val'])}  (epoch {s['best_val_epoch']})",
+        f"  test accuracy, best clean-val epoch {_pct(s['test_acc_best_val'])}  (epoch {s['best_val_epoch']})"
+        + (f"; {s['method']} trains on the clean set, so this selects nothing: use the last epoch"
+           if s.get("val_is_train") else ""),
         f"  test accuracy, max over epochs      {_pct(s['test_acc_max'])}  (selected on the test set: paper-comparable only)",
         f"  training time                       {s['train_seconds']:.1f} s",
         f"  run folder                          {s['run_dir']}",

@@ -82,6 +82,9 @@ class Method(Protocol):
         Draws clean batches every step (the trainer then builds the cycling clean source).
     trains_on_clean : bool
         The clean set is appended to the training set, with its true labels (``ce+clean``).
+    fits_clean_set : bool
+        The training loss includes the clean images with their true labels (``ce+clean``, ``glc``): their
+        accuracy is then a training accuracy, and the best clean-validation epoch selects nothing.
     warmup_with_ce : bool
         During the warm-up epochs the trainer uses plain cross-entropy instead.
     """
@@ -89,6 +92,7 @@ class Method(Protocol):
     name: str
     uses_meta_set: bool
     trains_on_clean: bool
+    fits_clean_set: bool
     warmup_with_ce: bool
 
     def step(self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext) -> StepResult: ...

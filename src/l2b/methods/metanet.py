@@ -43,6 +43,7 @@ class _MetaNetMethod:
 
     uses_meta_set = True
     trains_on_clean = False
+    fits_clean_set = False  # the clean batch reaches the model only through the meta-gradient
     warmup_with_ce = True  # same warm-up as the L2B family, for a fair comparison
 
     def _one_process(self, world_size: int) -> None:

@@ -21,6 +21,10 @@ class CrossEntropy:
     trains_on_clean: bool = False
     warmup_with_ce: bool = False
 
+    @property
+    def fits_clean_set(self) -> bool:
+        return self.trains_on_clean
+
     def step(self, model, x, y, ctx):
         logits = model(x)
         return StepResult(F.cross_entropy(logits, y), logits=logits)
@@ -58,6 +62,7 @@ class MetaReweight:
     pseudo_from: str = "train"  # p_i from the real (train-mode) forward or an eval-mode one
     uses_meta_set: bool = True
     trains_on_clean: bool = False
+    fits_clean_set: bool = False  # the clean batch reaches the model only through the meta-gradient
     warmup_with_ce: bool = True
 
     def step(self, model, x, y, ctx):

@@ -31,6 +31,7 @@ class PlainMethod:
 
     uses_meta_set = False
     trains_on_clean = False
+    fits_clean_set = False  # distill's teacher fits the clean set, the student it selects does not
     warmup_with_ce = False
 
 
@@ -162,6 +163,7 @@ class GLC:
     name: str = "glc"
     uses_meta_set: bool = True  # draws a clean batch every step
     trains_on_clean: bool = False
+    fits_clean_set: bool = True  # ... and trains on it with plain cross-entropy
     warmup_with_ce: bool = False
     corruption: Tensor | None = None
 

@@ -276,7 +276,8 @@ def _finish(run: Run) -> dict:
         np.save(out / "val_labels.npy", td.y_clean.cpu().numpy())
     write_table(per_sample_table(run.records.state_dict(), td.y_observed.cpu().numpy(), td.indices, probs,
                                  td.y_true, td.paths), out / "per_sample.csv")
-    summary = summarize(cfg, run.state.metrics, td.noise_info, run.state.train_seconds, _best_val_test(run))
+    summary = summarize(cfg, run.state.metrics, td.noise_info, run.state.train_seconds, _best_val_test(run),
+                        run.method.fits_clean_set)
     text = json.dumps(summary, indent=1).encode()  # written last and whole: a sweep counts the cell as done by it
     write_atomically(out / "summary.json", lambda fh: fh.write(text))
     summary["run_dir"] = str(out)

@@ -188,11 +188,12 @@ def weight_aurocs(epoch_weights: Tensor | None, flipped: Tensor) -> dict:
 
 
 def summarize(cfg: Config, metrics: list[dict], noise_info: dict, train_seconds: float,
-              best_val_test: float | None = None) -> dict:
+              best_val_test: float | None = None, fits_clean_set: bool = False) -> dict:
     """The three accuracies every run reports: last epoch, at the best clean-validation epoch (honest model
     selection), and the max over epochs (selected on the test set, as the published code reports; only
     with a test pass every epoch, ``test_every`` 1). ``best_val_test``: best.pt's test accuracy, where the
-    best epoch's line has none."""
+    best epoch's line has none. ``fits_clean_set``: the method trains on the clean images (GLC,
+    ``ce+clean``), so the best clean-validation epoch selects nothing; recorded as ``val_is_train``."""
     scored = [m for m in metrics if m["val_acc"] is not None]  # empty without a clean set
     best = max(scored, key=lambda m: (m["val_acc"], -m["epoch"])) if scored else {"test_acc": None, "epoch": None}
     tests = [m["test_acc"] for m in metrics if m["test_acc"] is not None]
@@ -209,6 +210,7 @@ def summarize(cfg: Config, metrics: list[dict], noise_info: dict, train_seconds:
         "test_acc_best_val": best["test_acc"] if best["test_acc"] is not None else best_val_test,
         "best_val_epoch": best["epoch"],
         "test_acc_max": max(tests) if tests and every_epoch else None,
+        "val_is_train": fits_clean_set,
         "train_seconds": round(train_seconds, 2),
     }
 
