@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 from l2b.apps.report import aggregate, load_runs, sample_groups
+from l2b.methods import create_method
 from results_values import config, quarters, value
 from select_by_val import mean_and_half_width
 
@@ -738,19 +739,22 @@ def _count(b: str, by: dict[str, list[str]]) -> str:
 
 def which_method_summary() -> str:
     """The verdicts in words: per baseline, at how many settings L2B is ahead and behind at the best
-    clean-val epoch and at the last epoch, then where (best clean-val), then what is not run."""
+    clean-val epoch (a baseline that trains on the clean set, GLC, at the last epoch: its clean-val
+    accuracy selects nothing) and at the last epoch, then where, then what is not run."""
     found = frozen_recipe_runs()
     parts, pending, counts, last = [], [], [], []
     for i, b in enumerate(FROZEN_BASELINES):
-        by, missing = _verdicts(found, i, "test_acc_best_val")
+        selects = not create_method(b).fits_clean_set
+        by, missing = _verdicts(found, i, "test_acc_best_val" if selects else "test_acc_last")
         if b != "l2b-convex":  # the convex mix is reported where run, not listed as missing
             pending += [f"{b} at {name}" for name in missing]
         said = [f"{v} at {', '.join(by[v])}" for v in ("ahead", "level", "behind") if by[v]]
         if said:
-            parts.append(f"against `{b}`, L2B is " + "; ".join(said))
-            counts.append(_count(b, by))
+            where = "" if selects else " (both at the last epoch: it trains on the clean set, which then selects nothing)"
+            parts.append(f"against `{b}`{where}, L2B is " + "; ".join(said))
+            counts.append(_count(b, by) + where)
             last.append(_count(b, _verdicts(found, i, "test_acc_last")[0]))
-    text = ("In short, L2B is " + "; ".join(counts) + " (at the best clean-validation epoch); without model "
+    text = ("In short, at the best clean-validation epoch, L2B is " + "; ".join(counts) + ". Without model "
             "selection, at the last epoch, it is " + "; ".join(last) + ". In detail, at the best clean-validation "
             "epoch, under the frozen recipe (\"ahead\" and \"behind\": the 95% interval excludes zero; \"level\": "
             "it contains it, not distinguishable at this number of seeds): " + "; ".join(parts) + ".")
