@@ -222,3 +222,13 @@ def test_the_clean_batch_size_changes_only_the_methods_that_draw_a_clean_batch(t
         assert main(["train", "--out", str(tmp_path / m), "--val-batch-size", m, *args]) == 0
     differing = same_model(tmp_path / "20", tmp_path / "0")
     assert bool(differing) == draws, differing
+
+
+def test_the_methods_that_fit_the_clean_set_say_so():
+    # their clean-val accuracy is a training accuracy (GLC's reaches 100% in the study): the trainer and the
+    # study's tables read their best clean-val epoch as selecting nothing, so the flag must be right
+    from l2b.methods import create_method, list_methods
+
+    fits = {m for m in list_methods() if create_method(m).fits_clean_set}
+    assert fits == {"glc", "ce+clean"}
+    assert all(create_method(m).fits_clean_set for m in list_methods() if create_method(m).trains_on_clean)
