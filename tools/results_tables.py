@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from l2b.apps.report import aggregate, load_runs, sample_groups
-from l2b.methods import create_method
+from l2b.methods import create_method, fits_clean_set
 from results_values import config, quarters, value
 from select_by_val import mean_and_half_width
 
@@ -744,7 +744,7 @@ def which_method_summary() -> str:
     found = frozen_recipe_runs()
     parts, pending, counts, last = [], [], [], []
     for i, b in enumerate(FROZEN_BASELINES):
-        selects = not create_method(b).fits_clean_set
+        selects = not fits_clean_set(create_method(b))
         by, missing = _verdicts(found, i, "test_acc_best_val" if selects else "test_acc_last")
         if b != "l2b-convex":  # the convex mix is reported where run, not listed as missing
             pending += [f"{b} at {name}" for name in missing]

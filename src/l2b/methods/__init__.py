@@ -11,8 +11,9 @@ from .base import (
     StepContext,
     StepResult,
     create_method,
+    fits_clean_set,
     list_methods,
     register_method,
 )
 
-__all__ = ["Method", "PrepareContext", "StepContext", "StepResult", "create_method", "list_methods", "register_method"]
+__all__ = ["Method", "PrepareContext", "StepContext", "StepResult", "create_method", "fits_clean_set", "list_methods", "register_method"]

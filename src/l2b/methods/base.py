@@ -82,9 +82,10 @@ class Method(Protocol):
         Draws clean batches every step (the trainer then builds the cycling clean source).
     trains_on_clean : bool
         The clean set is appended to the training set, with its true labels (``ce+clean``).
-    fits_clean_set : bool
+    fits_clean_set : bool, optional
         The training loss includes the clean images with their true labels (``ce+clean``, ``glc``): their
         accuracy is then a training accuracy, and the best clean-validation epoch selects nothing.
+        Optional (:func:`fits_clean_set` reads it); without it, ``trains_on_clean``.
     warmup_with_ce : bool
         During the warm-up epochs the trainer uses plain cross-entropy instead.
     """
@@ -92,10 +93,15 @@ class Method(Protocol):
     name: str
     uses_meta_set: bool
     trains_on_clean: bool
-    fits_clean_set: bool
     warmup_with_ce: bool
 
     def step(self, model: nn.Module, x: Tensor, y: Tensor, ctx: StepContext) -> StepResult: ...
+
+
+def fits_clean_set(method: Method) -> bool:
+    """Whether ``method`` trains on the clean images, so their accuracy selects nothing (an optional member:
+    methods written before it existed fall back to ``trains_on_clean``)."""
+    return getattr(method, "fits_clean_set", method.trains_on_clean)
 
 
 def register_method(name: str):

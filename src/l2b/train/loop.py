@@ -24,7 +24,7 @@ from ..data.arrays import ImageData, balanced_order
 from ..data.metaset import select_pseudo_meta
 from ..data.prepare import TrainData
 from ..errors import Interrupted, L2BError
-from ..methods.base import Method, StepContext
+from ..methods.base import Method, StepContext, fits_clean_set
 from ..methods.reweight import CrossEntropy
 from ..models import predict_probs
 from ..parallel import agree_on_step, all_gather_columns
@@ -277,7 +277,7 @@ def _finish(run: Run) -> dict:
     write_table(per_sample_table(run.records.state_dict(), td.y_observed.cpu().numpy(), td.indices, probs,
                                  td.y_true, td.paths), out / "per_sample.csv")
     summary = summarize(cfg, run.state.metrics, td.noise_info, run.state.train_seconds, _best_val_test(run),
-                        run.method.fits_clean_set)
+                        fits_clean_set(run.method))
     text = json.dumps(summary, indent=1).encode()  # written last and whole: a sweep counts the cell as done by it
     write_atomically(out / "summary.json", lambda fh: fh.write(text))
     summary["run_dir"] = str(out)

@@ -59,7 +59,6 @@ def _components(env, x, y, xv, yv):
     return {"backward": (loss, backward), **{k: (_nothing, lambda _, fn=fn: fn()) for k, fn in parts.items()}}
 
 
-
 def bench_step(*, model: str = "small-cnn", batch_size: int = 128, val_batch_size: int = 100,
                image_shape=(3, 32, 32), num_classes: int = 10, device: str = "cpu",
                steps: int = 20, warmup: int = 3, seed: int = 0, amp: str = "off",
