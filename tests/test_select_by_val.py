@@ -94,3 +94,15 @@ def test_comparisons_that_are_not_paired_or_not_like_with_like_are_refused(tmp_p
         assert done.stdout == ""
     # where a run went (device, output folder) is not part of the recipe
     assert select("--key", "bootstrap_beta", d).stdout.strip().endswith("bootstrap_beta=0.8")
+
+
+def test_a_clean_batch_of_zero_is_the_batch_size_and_compares_as_it(tmp_path):
+    # the recipe study's first runs wrote the clean batch as a number, its configs as 0 (= the batch size)
+    run_folder(tmp_path, "b95-s1", seed=1, batch_size=128, val_batch_size=128, val=[70.0], test=[70.0])
+    run_folder(tmp_path, "b80-s1", seed=1, bootstrap_beta=0.8, batch_size=128, val_batch_size=0, val=[72.0],
+               test=[60.0])
+    assert select("--key", "bootstrap_beta", tmp_path).stdout.strip().endswith("bootstrap_beta=0.8")
+    run_folder(tmp_path / "other", "b80-s1", seed=1, bootstrap_beta=0.8, batch_size=64, val_batch_size=0,
+               val=[72.0], test=[60.0])  # 0 with another batch size is another clean batch
+    done = select("--key", "bootstrap_beta", tmp_path / "b95-s1", tmp_path / "other")
+    assert done.returncode == 2 and "differ in 'batch_size'" in done.stderr, done.stderr

@@ -64,9 +64,17 @@ def best_val(run: Path) -> float:
     return max(accs)
 
 
+def _resolved(cfg: dict) -> dict:
+    """A run's settings with the trainer's shorthands spelled out: ``val_batch_size: 0`` is the batch size
+    (the recipe study's configs write 0, its first runs the number), so both compare as the same setting."""
+    if cfg.get("val_batch_size") == 0 and "batch_size" in cfg:
+        cfg = {**cfg, "val_batch_size": cfg["batch_size"]}
+    return cfg
+
+
 def candidates(runs: list[Path], keys: list[str]) -> dict[tuple, dict[int, float]]:
     """{candidate values: {seed: best clean-val accuracy}}, after checking the runs are comparable."""
-    configs = {run: yaml.safe_load((run / "config.yaml").read_text()) for run in runs}
+    configs = {run: _resolved(yaml.safe_load((run / "config.yaml").read_text())) for run in runs}
     for run, cfg in configs.items():
         missing = [k for k in keys if k not in cfg]
         if missing:
