@@ -210,10 +210,11 @@ def test_mwnet_learns_to_down_weight_flipped_samples():
     assert w_flip < w_clean - 0.05, (w_flip, w_clean)
 
 
-@pytest.mark.parametrize("method, draws", [("ce", False), ("glc", True), ("l2rw", True)])
+@pytest.mark.parametrize("method, draws", [("ce", False), ("bootstrap-soft", False), ("glc", True), ("l2rw", True)])
 def test_the_clean_batch_size_changes_only_the_methods_that_draw_a_clean_batch(tmp_path, tiny_args, method, draws):
-    # the recipe study pairs ce runs made before the clean batch changed with l2b runs made after: valid
-    # only because ce never draws a clean batch; glc trains on clean batches, so it is rerun
+    # the recipe study pairs ce runs made before the clean batch changed with l2b runs made after, and
+    # bootstrapping's runs of both times (tools/select_by_val.py): valid only because neither draws a clean
+    # batch; glc trains on clean batches, so it is rerun
     from helpers import same_model
     from l2b.cli import main
 

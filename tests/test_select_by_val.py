@@ -98,11 +98,25 @@ def test_comparisons_that_are_not_paired_or_not_like_with_like_are_refused(tmp_p
 
 def test_a_clean_batch_of_zero_is_the_batch_size_and_compares_as_it(tmp_path):
     # the recipe study's first runs wrote the clean batch as a number, its configs as 0 (= the batch size)
-    run_folder(tmp_path, "b95-s1", seed=1, batch_size=128, val_batch_size=128, val=[70.0], test=[70.0])
-    run_folder(tmp_path, "b80-s1", seed=1, bootstrap_beta=0.8, batch_size=128, val_batch_size=0, val=[72.0],
-               test=[60.0])
-    assert select("--key", "bootstrap_beta", tmp_path).stdout.strip().endswith("bootstrap_beta=0.8")
-    run_folder(tmp_path / "other", "b80-s1", seed=1, bootstrap_beta=0.8, batch_size=64, val_batch_size=0,
-               val=[72.0], test=[60.0])  # 0 with another batch size is another clean batch
-    done = select("--key", "bootstrap_beta", tmp_path / "b95-s1", tmp_path / "other")
+    l2b = dict(method="l2b", batch_size=128)
+    run_folder(tmp_path, "lr05-s1", seed=1, lr=0.05, val_batch_size=128, val=[70.0], test=[70.0], **l2b)
+    run_folder(tmp_path, "lr15-s1", seed=1, lr=0.15, val_batch_size=0, val=[72.0], test=[60.0], **l2b)
+    assert select("--key", "lr", tmp_path).stdout.strip().endswith("lr=0.15")
+    run_folder(tmp_path / "other", "lr15-s1", seed=1, lr=0.15, val_batch_size=0, val=[72.0], test=[60.0],
+               **{**l2b, "batch_size": 64})  # 0 with another batch size is another clean batch
+    done = select("--key", "lr", tmp_path / "lr05-s1", tmp_path / "other")
     assert done.returncode == 2 and "differ in 'batch_size'" in done.stderr, done.stderr
+
+
+def test_the_clean_batch_size_is_no_setting_of_a_method_that_never_draws_one(tmp_path):
+    # bootstrapping never draws a clean batch (tests/test_baselines.py: its model does not depend on the
+    # size), so runs made under two clean-batch defaults compare; L2B's do not
+    for method, key, values, ok in (("bootstrap-soft", "bootstrap_beta", (0.95, 0.8), True),
+                                    ("l2b", "lr", (0.05, 0.15), False)):
+        root = tmp_path / method
+        for value, m in zip(values, (100, 128)):
+            run_folder(root, f"{value}-s1", seed=1, method=method, val_batch_size=m, val=[70.0], test=[70.0],
+                       **{key: value})
+        done = select("--key", key, root)
+        assert (done.returncode == 0) == ok, done.stderr
+        assert ok or "differ in 'val_batch_size'" in done.stderr

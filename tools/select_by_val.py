@@ -65,11 +65,27 @@ def best_val(run: Path) -> float:
 
 
 def _resolved(cfg: dict) -> dict:
-    """A run's settings with the trainer's shorthands spelled out: ``val_batch_size: 0`` is the batch size
-    (the recipe study's configs write 0, its first runs the number), so both compare as the same setting."""
+    """A run's settings as they reach its model: ``val_batch_size: 0`` is the batch size (the recipe study's
+    configs write 0, its first runs the number), and a method that never draws a clean batch (``ce``,
+    bootstrapping: ``uses_meta_set``) has no clean batch size, whatever its config says."""
     if cfg.get("val_batch_size") == 0 and "batch_size" in cfg:
         cfg = {**cfg, "val_batch_size": cfg["batch_size"]}
+    if "val_batch_size" in cfg and not _draws_clean_batches(cfg.get("method")):
+        cfg = {k: v for k, v in cfg.items() if k != "val_batch_size"}
     return cfg
+
+
+@functools.cache
+def _draws_clean_batches(method: str | None) -> bool:
+    from l2b import L2BError
+    from l2b.methods import create_method
+
+    if method is None:
+        return True
+    try:
+        return create_method(method).uses_meta_set
+    except L2BError:  # a method this install does not know (a plugin not loaded): compare every setting
+        return True
 
 
 def candidates(runs: list[Path], keys: list[str]) -> dict[tuple, dict[int, float]]:
