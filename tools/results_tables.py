@@ -507,10 +507,15 @@ def frozen_recipe_runs() -> dict[tuple, object]:
                 if setting_name(r) == setting and r.config.get("val_batch_size") in (0, r.config.get("batch_size")):
                     found.setdefault((setting, r.summary["method"], r.summary["seed"]), r)
     for r in _folder_runs(RUNS / "asym40") + tuple(r for f in sorted(RUNS.glob("sym*")) for r in _folder_runs(f)):
-        s = r.summary
-        if s["method"] in UNTOUCHED_BY_RECIPE and setting_name(r) in FROZEN_SETTINGS and not _changes(r):
-            found.setdefault((setting_name(r), s["method"], s["seed"]), r)
+        s, setting = r.summary, setting_name(r)
+        if s["method"] in UNTOUCHED_BY_RECIPE and setting in FROZEN_SETTINGS and not _changes(r):
+            found.setdefault((setting, s["method"], s["seed"]), r)
     return found
+
+
+def _setting_runs(found: dict, setting: str, method: str) -> list:
+    """``method``'s runs at ``setting`` in ``frozen_recipe_runs()``'s result, by seed."""
+    return [r for (n_, m, _), r in sorted(found.items()) if (n_, m) == (setting, method)]
 
 
 def _frozen_cells(found: dict, setting: str, acc: str) -> list[tuple[str, list[float]]]:
@@ -562,13 +567,13 @@ def which_method_new_recipe_table() -> str:
              "|---|---|---|---|" + "---|" * len(FROZEN_BASELINES)]
     stand_ins, stand_in_devices = set(), set()
     for setting, (role, _) in FROZEN_SETTINGS.items():
-        l2b = [r.summary for (n_, m, _), r in found.items() if (n_, m) == (setting, "l2b")]
+        l2b = [r.summary for r in _setting_runs(found, setting, "l2b")]
         for acc, epoch in (("test_acc_best_val", "best clean-val"), ("test_acc_last", "last")):
             mean = f"{statistics.fmean(s[acc] for s in l2b):.2f} ({len(l2b)})" if l2b else "—"
             cells = [text for text, _ in _frozen_cells(found, setting, acc)]
             lines.append(f"| {setting} | {role} | {epoch} | {mean} | " + " | ".join(cells) + " |")
-        for (n_, m, _), r in found.items():
-            if (n_, m) == (setting, "ce") and RUNS in r.path.parents:
+        for r in _setting_runs(found, setting, "ce"):
+            if RUNS in r.path.parents:
                 stand_ins.add(setting)
                 stand_in_devices.add(str(r.config.get("device")).upper())
     folders = sorted({str(f.relative_to(ROOT)) for _, fs in FROZEN_SETTINGS.values() for f in fs if f.is_dir()})
@@ -593,7 +598,7 @@ def clean_set_fit_table() -> str:
              "test at selected epoch | test at last epoch |", "|---|---|---|---|---|---|---|---|---|"]
     for setting in FROZEN_SETTINGS:
         for method in ("glc", "l2b", "l2rw"):
-            runs = [r for (n_, m, _), r in sorted(found.items()) if (n_, m) == (setting, method)]
+            runs = _setting_runs(found, setting, method)
             if not runs:
                 continue
             top = [max(e["val_acc"] for e in r.metrics) for r in runs]
@@ -616,12 +621,12 @@ def full_set_table() -> str:
     found = frozen_recipe_runs()
     lines = ["| setting | method | seeds | epochs | test at best clean-val | test at last epoch | "
              "flipped samples memorised, last epoch (%) | minutes a run (median) |", "|---|---|---|---|---|---|---|---|"]
+    mean = lambda values: f"{statistics.fmean(values):.2f}"  # noqa: E731
     for setting in ("40% sym", "40% sym" + FULL_SET):
         for method in ("l2b", *FROZEN_BASELINES):
-            runs = [r for (n_, m, _), r in sorted(found.items()) if (n_, m) == (setting, method)]
+            runs = _setting_runs(found, setting, method)
             if not runs:
                 continue
-            mean = lambda values: f"{statistics.fmean(values):.2f}"  # noqa: E731
             memorised = [r.metrics[-1].get("train_memorized") for r in runs]
             lines.append(f"| {setting} | {method} | {len(runs)} | {runs[0].summary['epochs']} | "
                          f"{mean(r.summary['test_acc_best_val'] for r in runs)} | "
@@ -686,7 +691,7 @@ def _frozen_quarters_rows(columns: tuple[tuple[str, str], ...]) -> list[str]:
              "|---|---|---|" + "---|" * len(columns)]
     for setting in FROZEN_SETTINGS:
         for method in ("l2b", "l2rw"):
-            runs = [r for (n_, m, _), r in sorted(found.items()) if (n_, m) == (setting, method)]
+            runs = _setting_runs(found, setting, method)
             logged = [[e for e in r.metrics if "auroc_alpha" in e] for r in runs]
             logged = [epochs for epochs in logged if epochs]
             if not logged:
